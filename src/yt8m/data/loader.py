@@ -1,0 +1,243 @@
+"""Streaming batches of YouTube-8M records for training and evaluation.
+
+The dataset yields whole batches (collated in the worker, features kept uint8). Shards are
+split across distributed ranks and DataLoader workers so that each record is read once per
+epoch; when there are fewer files than readers, the readers of one file take its records in
+turn. Shuffling is a per-epoch file shuffle plus a bounded buffer, so memory never grows
+with the number of shards.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from yt8m.data.errors import CorruptRecordError
+from yt8m.data.records import (
+    AUDIO_DIM,
+    FRAME_DIMS,
+    LEVELS,
+    RGB_DIM,
+    SEGMENT_KEYS,
+    ErrorPolicy,
+    PathArg,
+    dequantize,
+    expand_paths,
+    iter_records,
+)
+
+SAMPLINGS = ("all", "random", "subsequence")
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class YT8MDataset(IterableDataset):
+    """An iterable of collated batches (see `make_loader` for the arguments and batch layout)."""
+
+    def __init__(self, paths: PathArg, level: str = "frame", batch_size: int = 64, max_frames: int = 300,
+                 sampling: str = "all", num_samples: int | None = None, num_classes: int = 3862,
+                 shuffle: bool = False, shuffle_buffer: int = 1024, seed: int = 0, drop_last: bool = False,
+                 on_error: str = "raise", check_crc: bool = True, rank: int | None = None,
+                 world_size: int | None = None):
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        for name, value in (("batch_size", batch_size), ("max_frames", max_frames), ("num_classes", num_classes)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        ErrorPolicy(on_error)  # validates the value
+        self.files = expand_paths(paths)
+        self.level = level
+        self.batch_size = batch_size
+        self.max_frames = max_frames
+        self.sampling = sampling
+        self.num_samples = max_frames if num_samples is None else num_samples
+        self.num_classes = num_classes
+        self.shuffle = shuffle
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.seed = seed
+        self.drop_last = drop_last
+        self.on_error = on_error
+        self.check_crc = check_crc
+        default_rank, default_size = distributed_rank_and_size()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_size if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the shuffle order (the same on every rank and worker for a given epoch)."""
+        self.epoch = epoch
+
+    def assignment(self, consumer: int, num_consumers: int) -> list[tuple[str, tuple[int, int]]]:
+        """The (file, (m, r)) pairs read by one of `num_consumers` readers: records r mod m of each file."""
+        files = list(self.files)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(files)
+        if len(files) >= num_consumers:
+            return [(path, (1, 0)) for path in files[consumer::num_consumers]]
+        index = consumer % len(files)
+        sharers = len(range(index, num_consumers, len(files)))
+        return [(files[index], (sharers, consumer // len(files)))]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        consumer = self.rank * num_workers + worker_id
+        rng = np.random.default_rng([self.seed, self.epoch, consumer])
+        policy = ErrorPolicy(self.on_error)
+        records = self._records(self.assignment(consumer, self.world_size * num_workers), policy)
+        if self.shuffle:
+            records = _buffer_shuffle(records, self.shuffle_buffer, rng)
+        batch: list[dict] = []
+        for example in records:
+            batch.append(example)
+            if len(batch) == self.batch_size:
+                yield self.collate(batch, rng)
+                batch = []
+        if batch and not self.drop_last:
+            yield self.collate(batch, rng)
+        policy.warn()
+
+    def _records(self, assignment, policy: ErrorPolicy) -> Iterator[dict]:
+        for path, every in assignment:
+            for _, offset, example in iter_records([path], self.level, policy, copy=False,
+                                                   check_crc=self.check_crc, every=every):
+                labels = example["labels"]
+                if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+                    bad = labels[(labels < 0) | (labels >= self.num_classes)]
+                    policy.handle(CorruptRecordError(
+                        path, offset, f"label(s) {bad.tolist()} outside [0, {self.num_classes}): "
+                                      "is num_classes right for this data?"))
+                    continue
+                yield example
+
+    def collate(self, examples: list[dict], rng: np.random.Generator) -> dict:
+        """A list of decoded records -> one batch (uint8 frames zero padded to a fixed length)."""
+        size = len(examples)
+        labels = np.zeros((size, self.num_classes), np.float32)
+        for i, example in enumerate(examples):
+            labels[i, example["labels"]] = 1.0
+        batch = {"id": [example["id"] for example in examples], "labels": torch.from_numpy(labels)}
+        if self.level == "video":
+            batch["rgb"] = torch.from_numpy(np.stack([e["mean_rgb"] for e in examples]))
+            batch["audio"] = torch.from_numpy(np.stack([e["mean_audio"] for e in examples]))
+            batch["num_frames"] = torch.ones(size, dtype=torch.int64)
+            return batch
+        length = self.max_frames if self.sampling == "all" else self.num_samples
+        frames = {key: np.zeros((size, length, dim), np.uint8) for key, dim in FRAME_DIMS.items()}
+        num_frames = np.zeros(size, np.int64)
+        for i, example in enumerate(examples):
+            index = self._frame_index(example["rgb"].shape[0], length, rng)
+            num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
+            for key, out in frames.items():
+                out[i, : num_frames[i]] = example[key][index]
+        batch.update({key: torch.from_numpy(value) for key, value in frames.items()})
+        batch["num_frames"] = torch.from_numpy(num_frames)
+        if self.level == "segment":
+            for key in SEGMENT_KEYS:
+                batch[key] = [torch.from_numpy(np.array(example[key])) for example in examples]
+        return batch
+
+    def _frame_index(self, available: int, length: int, rng: np.random.Generator) -> slice | np.ndarray:
+        if self.sampling == "all" or available == 0:
+            return slice(0, min(available, length))
+        if self.sampling == "random":  # as the starter code: floor(U[0, 1) * num_frames), with replacement
+            return np.floor(rng.random(length) * available).astype(np.int64)
+        count = min(available, length)
+        start = int(rng.integers(0, available - count + 1))
+        return slice(start, start + count)
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(size))
+        buffer[slot], item = item, buffer[slot]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class YT8MLoader:
+    """A re-iterable loader over a `YT8MDataset`; each pass over it is one epoch."""
+
+    def __init__(self, dataset: YT8MDataset, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None, persistent_workers: bool = False):
+        self.dataset = dataset
+        self.epoch = 0
+        self._loader = DataLoader(
+            dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers else None,
+            persistent_workers=persistent_workers and num_workers > 0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        self.dataset.set_epoch(self.epoch)
+        self.epoch += 1
+        return iter(self._loader)
+
+
+def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_frames: int = 300,
+                sampling: str = "all", num_classes: int = 3862, shuffle: bool = False, num_workers: int = 0,
+                seed: int = 0, *, num_samples: int | None = None, shuffle_buffer: int = 1024,
+                drop_last: bool = False, on_error: str = "raise", check_crc: bool = True,
+                pin_memory: bool = False, prefetch_factor: int | None = None,
+                rank: int | None = None, world_size: int | None = None) -> YT8MLoader:
+    """Batches of YouTube-8M records, streamed from TFRecord shards.
+
+    Each batch is a dict: `id` (list of str), `labels` (float32 multi-hot [B, num_classes]),
+    `rgb` / `audio` (uint8 [B, T, 1024] / [B, T, 128], zero padded; float32 [B, D] means at
+    video level) and `num_frames` (int64 [B]; ones at video level). Segment level adds
+    `segment_start_times`, `segment_labels`, `segment_scores` (lists of 1-D tensors).
+
+    sampling: "all" keeps the first `max_frames` frames (T = max_frames); "random" draws
+    `num_samples` (default max_frames) frames with replacement as the starter code does;
+    "subsequence" takes `num_samples` consecutive frames from a random start.
+    Shards are split by distributed rank (`rank`/`world_size`, default: torch.distributed when
+    initialised) and DataLoader worker. With `shuffle`, the file order changes every epoch
+    and records pass through a buffer of `shuffle_buffer` records. Dequantize on the device:
+    `prepare_batch(batch, device)`.
+    """
+    dataset = YT8MDataset(paths, level, batch_size, max_frames, sampling, num_samples, num_classes, shuffle,
+                          shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size)
+    return YT8MLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = True) -> dict:
+    """Moves a batch to `device` and dequantizes uint8 frames there to float32.
+
+    Padding frames (at and after `num_frames`) become exact zeros, as in the starter code.
+    """
+    out = {key: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+           for key, value in batch.items()}
+    for key in FRAME_DIMS:
+        if key in out and out[key].dtype == torch.uint8:
+            features = dequantize(out[key])  # [B, T, D]
+            if "num_frames" in out:
+                steps = torch.arange(features.shape[1], device=features.device)
+                features = features * (steps < out["num_frames"][:, None]).unsqueeze(-1)
+            out[key] = features
+    return out
+
+
+__all__ = ["YT8MDataset", "YT8MLoader", "make_loader", "prepare_batch", "distributed_rank_and_size",
+           "RGB_DIM", "AUDIO_DIM"]

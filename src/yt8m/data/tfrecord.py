@@ -1,0 +1,93 @@
+"""TFRecord framing: `uint64 length | masked crc(length) | payload | masked crc(payload)`."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import crc32c
+
+from yt8m.data.errors import CorruptRecordError
+
+_MASK_DELTA = 0xA282EAD8
+_HEADER = struct.Struct("<QI")
+_FOOTER = struct.Struct("<I")
+
+
+def masked_crc(data: bytes | bytearray | memoryview) -> int:
+    """The TFRecord masked CRC32C of `data`."""
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def read_records(path: str | os.PathLike, check_crc: bool = True) -> Iterator[tuple[int, bytes]]:
+    """Yield `(byte_offset, payload)` for each record of a TFRecord file.
+
+    Raises CorruptRecordError (naming the file and offset) on a truncated record or a CRC
+    mismatch; a reader that skips bad records cannot resynchronise, so the file ends there.
+    """
+    path = str(path)
+    with open(path, "rb", buffering=1 << 20) as f:
+        offset = 0
+        while True:
+            header = f.read(_HEADER.size)
+            if not header:
+                return
+            if len(header) < _HEADER.size:
+                raise CorruptRecordError(
+                    path, offset, f"truncated record header: expected 12 bytes, found {len(header)}"
+                )
+            length, length_crc = _HEADER.unpack(header)
+            if check_crc and masked_crc(header[:8]) != length_crc:
+                raise CorruptRecordError(path, offset, "length CRC mismatch (not a TFRecord file, or corrupt)")
+            body = f.read(length + 4)
+            if len(body) < length + 4:
+                raise CorruptRecordError(
+                    path, offset, f"truncated record: expected {length + 4} bytes after the header, found {len(body)}"
+                )
+            payload = body[:length]
+            if check_crc and masked_crc(payload) != _FOOTER.unpack_from(body, length)[0]:
+                raise CorruptRecordError(path, offset, "payload CRC mismatch")
+            yield offset, payload
+            offset += _HEADER.size + length + 4
+
+
+def frame_record(payload: bytes | bytearray | memoryview) -> bytes:
+    """One record's bytes as stored in a TFRecord file."""
+    length = struct.pack("<Q", len(payload))
+    return b"".join(
+        (length, _FOOTER.pack(masked_crc(length)), payload, _FOOTER.pack(masked_crc(payload)))
+    )
+
+
+class TFRecordWriter:
+    """Writes records to `path` atomically: a temporary file renamed on a clean close."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._file = open(self._tmp, "wb")
+
+    def write(self, payload: bytes | bytearray | memoryview) -> None:
+        self._file.write(frame_record(payload))
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TFRecordWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,66 @@
+import struct
+
+import crc32c
+import pytest
+
+from yt8m.data.errors import CorruptRecordError
+from yt8m.data.tfrecord import TFRecordWriter, frame_record, masked_crc, read_records
+
+
+def test_masked_crc_matches_tensorflow_definition():
+    crc = crc32c.crc32c(b"hello")
+    assert masked_crc(b"hello") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    # the known masked crc of an empty payload, as written by TensorFlow
+    assert masked_crc(b"") == 0xA282EAD8
+
+
+def test_framing_layout():
+    record = frame_record(b"abc")
+    length, length_crc = struct.unpack("<QI", record[:12])
+    assert length == 3 and length_crc == masked_crc(record[:8])
+    assert record[12:15] == b"abc"
+    assert struct.unpack("<I", record[15:])[0] == masked_crc(b"abc")
+
+
+def test_round_trip_with_offsets(tmp_path):
+    payloads = [b"", b"x", bytes(range(256)) * 10]
+    path = tmp_path / "a.tfrecord"
+    with TFRecordWriter(path) as writer:
+        for payload in payloads:
+            writer.write(payload)
+    records = list(read_records(path))
+    assert [p for _, p in records] == payloads
+    assert [o for o, _ in records] == [0, 16, 33]
+
+
+def test_writer_is_atomic_on_error(tmp_path):
+    path = tmp_path / "a.tfrecord"
+    with pytest.raises(RuntimeError):
+        with TFRecordWriter(path) as writer:
+            writer.write(b"x")
+            raise RuntimeError("boom")
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [5, 12, 14, 17])
+def test_truncated_file_names_file_and_offset(tmp_path, cut):
+    path = tmp_path / "t.tfrecord"
+    path.write_bytes(frame_record(b"first") + frame_record(b"second")[:cut])
+    with pytest.raises(CorruptRecordError, match="truncated") as info:
+        list(read_records(path))
+    assert info.value.path == str(path) and info.value.offset == 21
+    assert "t.tfrecord at byte offset 21" in str(info.value)
+
+
+def test_crc_mismatches(tmp_path):
+    good = frame_record(b"payload")
+    bad_payload = good[:13] + b"X" + good[14:]
+    path = tmp_path / "c.tfrecord"
+    path.write_bytes(good + bad_payload)
+    with pytest.raises(CorruptRecordError, match="payload CRC") as info:
+        list(read_records(path))
+    assert info.value.offset == len(good)
+    assert len(list(read_records(path, check_crc=False))) == 2
+    path.write_bytes(b"\x05" + good[1:])
+    with pytest.raises(CorruptRecordError, match="length CRC"):
+        list(read_records(path))
