@@ -234,7 +234,7 @@ def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = 
             features = dequantize(out[key])  # [B, T, D]
             if "num_frames" in out:
                 steps = torch.arange(features.shape[1], device=features.device)
-                features = features * (steps < out["num_frames"][:, None]).unsqueeze(-1)
+                features.masked_fill_((steps >= out["num_frames"][:, None]).unsqueeze(-1), 0.0)
             out[key] = features
     return out
 

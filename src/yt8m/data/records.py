@@ -33,7 +33,7 @@ def dequantize(q: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """uint8 features -> float32 in [-2, 2]: `q * 4/255 + (4/512 - 2)`, on the input's device."""
     scale, bias = 4.0 / 255.0, 4.0 / 512.0 - 2.0
     if isinstance(q, torch.Tensor):
-        return q.to(torch.float32) * scale + bias
+        return q.to(torch.float32).mul_(scale).add_(bias)  # in place: one allocation
     return np.asarray(q).astype(np.float32) * np.float32(scale) + np.float32(bias)
 
 

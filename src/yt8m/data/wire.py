@@ -52,12 +52,20 @@ def iter_fields(buf: bytes, start: int, end: int):
     """Yield `(field_number, wire_type, value)`: a span for length-delimited fields, else the value."""
     pos = start
     while pos < end:
-        key, pos = read_varint(buf, pos, end)
+        key = buf[pos]  # one-byte varints inline: this loop is the decoder's hot path
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = read_varint(buf, pos, end)
         field, wire_type = key >> 3, key & 7
         if field == 0:
             raise DecodeError("field number 0")
         if wire_type == _WT_LEN:
-            length, pos = read_varint(buf, pos, end)
+            length = buf[pos] if pos < end else 0x80
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = read_varint(buf, pos, end)
             if pos + length > end:
                 raise DecodeError(f"field {field} of length {length} overruns its message by {pos + length - end} bytes")
             yield field, wire_type, (pos, pos + length)

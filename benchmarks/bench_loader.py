@@ -1,0 +1,120 @@
+"""Loader throughput on frame-level shards: videos/s for batches of 64 videos x 300 frames,
+dequantized to float32, against a standard tf.data pipeline on the same files when TensorFlow
+is installed (it is not a dependency: `pip install tensorflow-cpu` to get the comparison).
+
+    python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from yt8m.data import make_loader, prepare_batch, write_examples
+
+BATCH, MAX_FRAMES, NUM_CLASSES = 64, 300, 3862
+
+
+def write_shards(directory: Path, videos: int, shards: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for shard in range(shards):
+        def examples():
+            for i in range(shard, videos, shards):
+                length = int(rng.integers(60, 301))
+                yield {"id": f"{i:06d}", "labels": rng.integers(0, NUM_CLASSES, 3),
+                       "rgb": rng.integers(0, 256, (length, 1024), dtype=np.uint8),
+                       "audio": rng.integers(0, 256, (length, 128), dtype=np.uint8)}
+        path = directory / f"train{shard:04d}.tfrecord"
+        write_examples(path, examples(), "frame")
+        paths.append(str(path))
+    return paths
+
+
+def time_epoch(batches, touch) -> tuple[float, int]:
+    start, videos = time.perf_counter(), 0
+    for batch in batches:
+        videos += touch(batch)
+    return time.perf_counter() - start, videos
+
+
+def bench_yt8m(paths: list[str], workers: int) -> float:
+    loader = make_loader(paths, batch_size=BATCH, max_frames=MAX_FRAMES, num_classes=NUM_CLASSES,
+                         num_workers=workers)
+
+    def touch(batch):
+        ready = prepare_batch(batch, "cpu")  # uint8 -> float32, padding zeroed
+        return ready["rgb"].shape[0]
+
+    time_epoch(loader, touch)  # warm-up: page cache, worker start
+    seconds, videos = time_epoch(loader, touch)
+    return videos / seconds
+
+
+def bench_tensorflow(paths: list[str]) -> float | None:
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import tensorflow as tf
+    except ImportError:
+        return None
+
+    def parse(record):  # as the starter code's YT8MFrameFeatureReader
+        context, sequence = tf.io.parse_single_sequence_example(
+            record,
+            context_features={"id": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.VarLenFeature(tf.int64)},
+            sequence_features={"rgb": tf.io.FixedLenSequenceFeature([], tf.string),
+                               "audio": tf.io.FixedLenSequenceFeature([], tf.string)})
+        labels = tf.cast(tf.sparse.to_indicator(context["labels"], NUM_CLASSES), tf.float32)
+        features = []
+        for key, dim in (("rgb", 1024), ("audio", 128)):
+            frames = tf.reshape(tf.io.decode_raw(sequence[key], tf.uint8), [-1, dim])[:MAX_FRAMES]
+            frames = tf.cast(frames, tf.float32) * (4.0 / 255.0) + (4.0 / 512.0 - 2.0)
+            features.append(tf.pad(frames, [[0, MAX_FRAMES - tf.shape(frames)[0]], [0, 0]]))
+        num_frames = tf.minimum(tf.shape(sequence["rgb"])[0], MAX_FRAMES)
+        return {"id": context["id"], "labels": labels, "rgb": features[0], "audio": features[1],
+                "num_frames": num_frames}
+
+    dataset = (tf.data.TFRecordDataset(paths, num_parallel_reads=tf.data.AUTOTUNE)
+               .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(BATCH).prefetch(tf.data.AUTOTUNE))
+    touch = lambda batch: int(batch["rgb"].shape[0])
+    time_epoch(dataset, touch)
+    seconds, videos = time_epoch(dataset, touch)
+    return videos / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=2000)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data", help="existing frame-level files (glob) instead of generated shards")
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); batch {BATCH} x {MAX_FRAMES} frames -> float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data:
+            from yt8m.data import expand_paths
+            paths = expand_paths(args.data)
+        else:
+            paths = write_shards(Path(tmp), args.videos, args.shards)
+        size = sum(os.path.getsize(p) for p in paths) / 2**20
+        print(f"data: {len(paths)} shards, {size:.0f} MiB")
+        for workers in args.workers:
+            print(f"yt8m make_loader, {workers} worker(s): {bench_yt8m(paths, workers):8.0f} videos/s")
+        tf_rate = bench_tensorflow(paths)
+        if tf_rate is None:
+            print("tf.data: TensorFlow not installed, comparison skipped")
+        else:
+            print(f"tf.data (AUTOTUNE parallel parse):  {tf_rate:8.0f} videos/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The `yt8m` command line."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import click
+
+from yt8m import __version__
+
+
+def usage_errors(command):
+    """Turns the library's argument and input errors into clean CLI errors (exit code 2)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (FileNotFoundError, FileExistsError, ValueError) as error:
+            raise click.UsageError(str(error)) from error
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="yt8m")
+def main() -> None:
+    """YouTube-8M video classification and temporal localization in PyTorch."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--videos", "num_videos", default=1000, show_default=True, help="Videos (train/validate/test).")
+@click.option("--classes", "num_classes", default=200, show_default=True, help="Number of classes.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--shard-size", default=128, show_default=True, help="Videos per TFRecord file.")
+@click.option("--segment-videos", "num_segment_videos", type=int, default=None,
+              help="Segment-rated videos (default: videos / 10).")
+@click.option("--workers", default=1, show_default=True, help="Processes writing shards in parallel.")
+@click.option("--overwrite", is_flag=True, help="Replace a corpus already in OUT.")
+@usage_errors
+def synth(out: Path, num_videos: int, num_classes: int, seed: int, shard_size: int,
+          num_segment_videos: int | None, workers: int, overwrite: bool) -> None:
+    """Write a synthetic corpus in the real YouTube-8M formats to OUT."""
+    from yt8m.data.synthetic import synthesize
+
+    start = time.perf_counter()
+    info = synthesize(out, num_videos=num_videos, num_classes=num_classes, seed=seed, shard_size=shard_size,
+                      num_segment_videos=num_segment_videos, workers=workers, overwrite=overwrite)
+    counts = ", ".join(f"{split} {count}" for split, count in info.num_videos.items())
+    segments = ", ".join(f"{split} {count}" for split, count in info.num_segment_videos.items())
+    click.echo(f"wrote {out}: frame/ and video/ ({counts}), segment/ ({segments}), {num_classes} classes, "
+               f"in {time.perf_counter() - start:.1f} s")
+
+
+def _resolve_data(pattern: str, what: str) -> list[str]:
+    from yt8m.data import expand_paths
+
+    try:
+        return expand_paths(pattern)
+    except FileNotFoundError as error:
+        raise click.BadParameter(str(error), param_hint=what) from None
+
+
+def _check_model(name: str) -> None:
+    from yt8m.models import available
+
+    if name not in available():
+        raise click.BadParameter(f"unknown model {name!r}; known models: {', '.join(available())}",
+                                 param_hint="MODEL")
+
+
+def _run_dir(run_dir: Path) -> Path:
+    if not run_dir.is_dir():
+        raise click.BadParameter(f"run directory not found: {run_dir}", param_hint="RUN_DIR")
+    return run_dir
+
+
+def _data_errors(run):
+    """Runs `run()`, turning a label outside num_classes into a usage error."""
+    from yt8m.data import CorruptRecordError
+
+    try:
+        return run()
+    except CorruptRecordError as error:
+        if "outside [0," in error.reason:
+            raise click.UsageError(f"{error}\nThe data has more classes than --num-classes: pass the right "
+                                   "--num-classes (3862 for the 2018+ releases, 4716 for 2017).") from None
+        raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@click.argument("model")
+@click.option("--train-data", required=True, help="Training TFRecords: a path, glob or directory.")
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory: config, checkpoints, metrics log, final model.")
+@click.option("--valid-data", default=None, help="Validation TFRecords, scored after every epoch.")
+@click.option("--num-classes", type=int, default=None, help="Classes in the data [default: 3862].")
+@click.option("--epochs", type=int, default=None, help="Passes over the training data [default: 5].")
+@click.option("--batch-size", type=int, default=None, help="[default: 1024 video level, 128 frame level]")
+@click.option("--lr", type=float, default=None, help="Base learning rate [default: the model's, 0.01 mostly].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML file of training config keys.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (model_options.KEY for a model option); repeatable.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its latest checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@usage_errors
+def train(model: str, train_data: str, output: Path, valid_data: str | None, num_classes: int | None,
+          epochs: int | None, batch_size: int | None, lr: float | None, config_file: Path | None,
+          assignments: tuple[str, ...], resume: bool, quiet: bool) -> None:
+    """Train MODEL (see `yt8m models`) on --train-data; the record level follows from the model."""
+    from yt8m.train import TrainConfig, TrainingError, apply_overrides, load_yaml
+    from yt8m.train import train as run_training
+    from yt8m.train.loop import config_path
+
+    _check_model(model)
+    _resolve_data(train_data, "--train-data")
+    if valid_data:
+        _resolve_data(valid_data, "--valid-data")
+    values = {}
+    if resume and config_path(output).exists():
+        values = load_yaml(config_path(output))
+    if config_file:
+        values.update(load_yaml(config_file))
+    values = apply_overrides(values, list(assignments))
+    flags = {"model": model, "train_data": train_data, "output": str(output), "valid_data": valid_data,
+             "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr}
+    values.update({key: value for key, value in flags.items() if value is not None})
+    config = TrainConfig.from_dict(values)
+    start = time.perf_counter()
+    try:
+        summary = _data_errors(lambda: run_training(config, resume=resume, progress=not quiet))
+    except TrainingError as error:
+        raise click.ClickException(str(error)) from None
+    valid = summary["valid"]
+    scores = f", valid GAP {valid['gap']:.4f}" if valid else ""
+    click.echo(f"trained {model}: {summary['steps']} steps, {summary['examples']} examples, "
+               f"loss {summary['loss']:.4f}{scores}, in {time.perf_counter() - start:.0f} s -> {output}")
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="TFRecords to score: a path, glob or directory.")
+@click.option("--top-k", default=20, show_default=True, help="k of GAP@k.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@usage_errors
+def evaluate_command(run_dir: Path, data: str, top_k: int, batch_size: int, device: str, as_json: bool) -> None:
+    """Score the model of RUN_DIR on --data: GAP@20, mAP, Hit@1, PERR."""
+    import json
+
+    from yt8m.train import evaluate, load_model, resolve_device
+
+    _run_dir(run_dir)
+    files = _resolve_data(data, "--data")
+    target = resolve_device(device)
+    model = load_model(run_dir, map_location=target).to(target)
+    scores = _data_errors(lambda: evaluate(model, files, model.num_classes, target, top_k=top_k,
+                                           batch_size=batch_size, progress=not as_json))
+    if as_json:
+        click.echo(json.dumps(scores))
+    else:
+        click.echo(f"GAP@{top_k} {scores['gap']:.4f}  mAP {scores['map']:.4f}  Hit@1 {scores['hit_at_one']:.4f}  "
+                   f"PERR {scores['perr']:.4f}  ({scores['num_videos']} videos)")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="TFRecords to predict: a path, glob or directory.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The CSV to write.")
+@click.option("--top-k", default=20, show_default=True, help="Classes per video.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@usage_errors
+def predict(run_dir: Path, data: str, output: Path, top_k: int, batch_size: int, device: str) -> None:
+    """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) for --data."""
+    from yt8m.train import load_model, resolve_device, write_submission
+
+    _run_dir(run_dir)
+    files = _resolve_data(data, "--data")
+    target = resolve_device(device)
+    model = load_model(run_dir, map_location=target).to(target)
+    count = _data_errors(lambda: write_submission(model, files, output, model.num_classes, target, top_k=top_k,
+                                                  batch_size=batch_size))
+    click.echo(f"wrote {count} videos to {output}")
+
+
+@main.command()
+def models() -> None:
+    """List the registered models."""
+    from yt8m.models import available, entry
+
+    for name in available():
+        click.echo(f"{name:16s} {entry(name).description}")
+
+
+QUICKSTART_MODEL = "dbof"
+QUICKSTART_OPTIONS = {"cluster_size": 1024, "hidden_size": 512}
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("yt8m-quickstart"),
+              show_default=True, help="Where the corpus, run and submission go.")
+@click.option("--videos", default=1500, show_default=True, help="Synthetic videos (train/validate/test).")
+@click.option("--epochs", default=4, show_default=True)
+@usage_errors
+def quickstart(workdir: Path, videos: int, epochs: int) -> None:
+    """Synthesize a corpus, train a frame-level model, evaluate it and write a submission."""
+    from yt8m.data.synthetic import synthesize
+    from yt8m.train import TrainConfig, evaluate, load_model, resolve_device, write_submission
+    from yt8m.train import train as run_training
+
+    start = time.perf_counter()
+    corpus, run_dir, submission = workdir / "corpus", workdir / "run", workdir / "submission.csv"
+    click.echo(f"[1/4] synthesizing {videos} videos in {corpus}")
+    info = synthesize(corpus, num_videos=videos, num_classes=100, seed=0, overwrite=True)
+    train_files, valid_files = info.files["frame"]["train"], info.files["frame"]["validate"]
+    click.echo(f"[2/4] training {QUICKSTART_MODEL} {QUICKSTART_OPTIONS} on {len(train_files)} frame-level shards")
+    if run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)
+    config = TrainConfig(model=QUICKSTART_MODEL, model_options=dict(QUICKSTART_OPTIONS),
+                         train_data=[str(p) for p in train_files], output=str(run_dir), num_classes=info.num_classes,
+                         epochs=epochs, batch_size=64, log_every=5, checkpoint_every=100)
+    run_training(config)
+    click.echo(f"[3/4] evaluating on the validate split ({len(valid_files)} shards)")
+    device = resolve_device("auto")
+    model = load_model(run_dir, map_location=device).to(device)
+    scores = evaluate(model, [str(p) for p in valid_files], info.num_classes, device)
+    click.echo(f"[4/4] predicting the test split -> {submission}")
+    count = write_submission(model, [str(p) for p in info.files["frame"]["test"]], submission, info.num_classes,
+                             device)
+    click.echo(f"validate: GAP {scores['gap']:.4f}  mAP {scores['map']:.4f}  Hit@1 {scores['hit_at_one']:.4f}  "
+               f"PERR {scores['perr']:.4f} ({scores['num_videos']} videos); {count} test videos predicted")
+    click.echo(f"corpus {corpus}  run {run_dir}  submission {submission}  "
+               f"({time.perf_counter() - start:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The interface every model follows: pool frames into a video vector, then classify it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from yt8m.models.layers import l2_normalize
+
+
+class VideoClassifier(nn.Module):
+    """`forward(rgb, audio, num_frames) -> logits [B, C]`, split into `forward_features` (pooling)
+    and `forward_head` (classifier), so heads, gating and losses apply to any pooling.
+
+    Inputs are float: [B, T, D] frames for `level == "frame"`, [B, D] means for "video".
+    `train_sampling` optionally asks the training loader for sampled frames, e.g.
+    `{"sampling": "random", "num_samples": 30}`; evaluation always reads all frames.
+    """
+
+    level: str = "frame"
+    train_sampling: dict | None = None
+    default_lr: float = 0.01  # the starter code's base learning rate
+    config: dict
+
+    def __init__(self, num_classes: int, input_norm: bool = True):
+        super().__init__()
+        self.num_classes = num_classes
+        self.input_norm = input_norm
+
+    def inputs(self, rgb: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """rgb and audio joined on the feature axis, L2-normalised as the starter code does."""
+        x = torch.cat([rgb, audio], dim=-1)
+        return l2_normalize(x) if self.input_norm else x
+
+    def forward_features(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(rgb, audio, num_frames))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy summed over classes, averaged over the batch."""
+        return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / labels.shape[0]
+
+    def classifier_weights(self) -> list[torch.Tensor]:
+        """The weights that the L2 penalty of the training loop applies to."""
+        return self.head.classifier_weights()

@@ -1,0 +1,40 @@
+"""Recurrent models over the frame sequence."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from yt8m.data import AUDIO_DIM, RGB_DIM
+from yt8m.models.base import VideoClassifier
+from yt8m.models.layers import build_classifier
+from yt8m.models.registry import register
+
+
+class RecurrentClassifier(VideoClassifier):
+    """Stacked LSTM/GRU over the real frames; the top layer's final state -> classifier (starter LstmModel)."""
+
+    default_lr = 1e-3
+
+    def __init__(self, num_classes: int, cell: str = "lstm", hidden_size: int = 1024, num_layers: int = 2,
+                 classifier: str = "moe", num_mixtures: int = 2, input_norm: bool = True,
+                 rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+        super().__init__(num_classes, input_norm)
+        cells = {"lstm": nn.LSTM, "gru": nn.GRU}
+        if cell not in cells:
+            raise ValueError(f"cell must be one of {sorted(cells)}, got {cell!r}")
+        self.rnn = cells[cell](rgb_dim + audio_dim, hidden_size, num_layers=num_layers, batch_first=True)
+        self.head = build_classifier(classifier, hidden_size, num_classes, num_mixtures)
+
+    def forward_features(self, rgb, audio, num_frames):
+        x = self.inputs(rgb, audio)  # [B, T, D]
+        lengths = num_frames.clamp(min=1, max=x.shape[1]).cpu()
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, state = self.rnn(packed)
+        hidden = state[0] if isinstance(state, tuple) else state  # [layers, B, H]
+        return hidden[-1]
+
+
+register("lstm", RecurrentClassifier, "starter LstmModel: 2 x 1024 LSTM cells, final state -> MoE 2",
+         cell="lstm", hidden_size=1024, num_layers=2)

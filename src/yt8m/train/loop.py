@@ -1,0 +1,199 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+load batch -> dequantize on the device -> forward -> loss (+ L2 on the classifier) -> backward
+-> clip -> Adam step with the starter's staircase decay -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from yt8m.data import make_loader, prepare_batch
+from yt8m.metrics import gap, hit_at_one, perr
+from yt8m.models import build
+from yt8m.train.checkpoint import FINAL_MODEL, atomic_save, checkpoints, save_checkpoint
+from yt8m.train.config import TrainConfig
+from yt8m.train.inference import autocast, evaluate, resolve_device
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, a run directory in the way)."""
+
+
+def staircase_lr(config: TrainConfig, base_lr: float, examples_seen: int) -> float:
+    """The starter code's decay: `lr * decay ** floor(examples_seen / decay_examples)`."""
+    return base_lr * config.lr_decay ** (examples_seen // config.lr_decay_examples)
+
+
+def clip_gradients(model: nn.Module, mode: str, max_norm: float) -> None:
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    elif mode == "per_parameter":  # as the starter code: each variable's gradient clipped on its own
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                torch.nn.utils.clip_grad_norm_([parameter], max_norm)
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory, plus TensorBoard events when tensorboard is installed."""
+
+    def __init__(self, run_dir: Path):
+        self.file = open(run_dir / METRICS_FILE, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Trains `config.model`; returns a summary (steps, examples, final loss, validation metrics)."""
+    run_dir = Path(config.output)
+    existing = checkpoints(run_dir) if run_dir.exists() else []
+    if not resume and (existing or (run_dir / FINAL_MODEL).exists()):
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    model = build(config.model, num_classes=config.num_classes, **config.model_options).to(device)
+    base_lr = config.lr or getattr(model, "default_lr", 0.01)
+    batch_size = config.batch_size or (1024 if model.level == "video" else 128)
+    sampling = model.train_sampling or {"sampling": "all"}
+    loader = make_loader(config.train_data, level=model.level, batch_size=batch_size, max_frames=config.max_frames,
+                         num_classes=config.num_classes, shuffle=True, num_workers=config.num_workers,
+                         seed=config.seed, shuffle_buffer=config.shuffle_buffer, on_error=config.on_error,
+                         pin_memory=device.type == "cuda", **sampling)
+    optimizer = torch.optim.Adam(model.parameters(), lr=base_lr)
+    forward = torch.compile(model) if config.compile else model
+
+    step = examples_seen = start_epoch = skip_batches = 0
+    if resume and existing:
+        state = torch.load(existing[-1], map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, examples_seen = state["step"], state["examples_seen"]
+        start_epoch, skip_batches = state["epoch"], state["batches_in_epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if progress:
+            tqdm.write(f"resuming {run_dir} from {existing[-1].name} (epoch {start_epoch + 1}, step {step})")
+    config.dump(run_dir / CONFIG_FILE)
+
+    def state_dict(epoch: int, batches_in_epoch: int) -> dict:
+        return {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
+                "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen, "epoch": epoch,
+                "batches_in_epoch": batches_in_epoch,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}}
+
+    log = MetricsLog(run_dir)
+    summary = {"steps": step, "examples": examples_seen, "loss": None, "valid": None}
+    window_start, window_examples = time.perf_counter(), 0
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            loader.set_epoch(epoch)
+            model.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not progress,
+                       leave=False)
+            batches_in_epoch = 0
+            for batch in bar:
+                batches_in_epoch += 1
+                if batches_in_epoch <= skip_batches:  # resuming: this data was trained on before the stop
+                    continue
+                batch = prepare_batch(batch, device)
+                with autocast(device, config.precision):
+                    logits = forward(batch["rgb"], batch["audio"], batch["num_frames"])
+                    loss = model.loss(logits, batch["labels"])
+                if not torch.isfinite(loss):
+                    last = checkpoints(run_dir)[-1:]
+                    raise TrainingError(
+                        f"loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); stopped. The last good "
+                        f"checkpoint is {last[0] if last else 'none (no checkpoint written yet)'}. Try a lower "
+                        "--lr or gradient clipping.")
+                penalty = sum(w.float().pow(2).sum() for w in model.classifier_weights()) * (config.l2 / 2)
+                optimizer.zero_grad(set_to_none=True)
+                (loss + penalty).backward()
+                clip_gradients(model, config.clip, config.clip_norm)
+                lr = staircase_lr(config, base_lr, examples_seen)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                step += 1
+                examples_seen += len(batch["id"])
+                window_examples += len(batch["id"])
+                summary["loss"] = loss.item()
+
+                if step % config.log_every == 0:
+                    elapsed = time.perf_counter() - window_start
+                    probabilities = torch.sigmoid(logits.detach().float()).cpu()
+                    labels = batch["labels"].cpu()
+                    log.write({"step": step, "epoch": epoch + 1, "loss": summary["loss"], "lr": lr,
+                               "examples_per_s": window_examples / elapsed,
+                               "batch_gap": gap(probabilities, labels), "batch_hit_at_one": hit_at_one(probabilities, labels),
+                               "batch_perr": perr(probabilities, labels)})
+                    bar.set_postfix(loss=f"{summary['loss']:.3f}", ex_s=f"{window_examples / elapsed:.0f}")
+                    window_start, window_examples = time.perf_counter(), 0
+                if step % config.checkpoint_every == 0:
+                    save_checkpoint(run_dir, state_dict(epoch, batches_in_epoch), step, config.keep_checkpoints)
+                if config.max_steps is not None and step >= config.max_steps:
+                    break
+            skip_batches = 0
+            stopped = config.max_steps is not None and step >= config.max_steps
+            if config.valid_data is not None:
+                summary["valid"] = evaluate(model, config.valid_data, config.num_classes, device,
+                                            batch_size=config.eval_batch_size, max_frames=config.max_frames,
+                                            precision=config.precision, progress=progress)
+                log.write({"step": step, "epoch": epoch + 1, **{f"valid_{k}": v for k, v in summary["valid"].items()}})
+                if progress:
+                    valid = summary["valid"]
+                    tqdm.write(f"epoch {epoch + 1}: loss {summary['loss']:.4f}  valid GAP {valid['gap']:.4f}  "
+                               f"mAP {valid['map']:.4f}  Hit@1 {valid['hit_at_one']:.4f}")
+            if stopped:
+                save_checkpoint(run_dir, state_dict(epoch, batches_in_epoch), step, config.keep_checkpoints)
+                break
+            save_checkpoint(run_dir, state_dict(epoch + 1, 0), step, config.keep_checkpoints)
+        atomic_save({"model": model.state_dict(), "model_config": model.config, "train_config": config.to_dict(),
+                     "step": step, "examples_seen": examples_seen}, run_dir / FINAL_MODEL)
+    finally:
+        log.close()
+    summary.update(steps=step, examples=examples_seen)
+    return summary
+
+
+def config_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CONFIG_FILE
+
+
+__all__ = ["TrainingError", "clip_gradients", "config_path", "staircase_lr", "train"]
