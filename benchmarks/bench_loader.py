@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the yt8m CLI does; must precede importing torch
+
 import numpy as np
 import torch
 
@@ -98,7 +100,8 @@ def main() -> None:
     parser.add_argument("--data", help="existing frame-level files (glob) instead of generated shards")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); batch {BATCH} x {MAX_FRAMES} frames -> float32")
+          f"({torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}); "
+          f"batch {BATCH} x {MAX_FRAMES} frames -> float32")
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
             from yt8m.data import expand_paths

@@ -23,6 +23,8 @@ from yt8m.data.records import (
     FRAME_DIMS,
     LEVELS,
     RGB_DIM,
+    DEQUANT_BIAS,
+    DEQUANT_SCALE,
     SEGMENT_KEYS,
     ErrorPolicy,
     PathArg,
@@ -137,14 +139,15 @@ class YT8MDataset(IterableDataset):
             batch["num_frames"] = torch.ones(size, dtype=torch.int64)
             return batch
         length = self.max_frames if self.sampling == "all" else self.num_samples
-        frames = {key: np.zeros((size, length, dim), np.uint8) for key, dim in FRAME_DIMS.items()}
+        in_worker = get_worker_info() is not None
+        frames = {key: _zeros_uint8((size, length, dim), shared=in_worker) for key, dim in FRAME_DIMS.items()}
         num_frames = np.zeros(size, np.int64)
         for i, example in enumerate(examples):
             index = self._frame_index(example["rgb"].shape[0], length, rng)
             num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
             for key, out in frames.items():
-                out[i, : num_frames[i]] = example[key][index]
-        batch.update({key: torch.from_numpy(value) for key, value in frames.items()})
+                out.numpy()[i, : num_frames[i]] = example[key][index]
+        batch.update(frames)
         batch["num_frames"] = torch.from_numpy(num_frames)
         if self.level == "segment":
             for key in SEGMENT_KEYS:
@@ -159,6 +162,15 @@ class YT8MDataset(IterableDataset):
         count = min(available, length)
         start = int(rng.integers(0, available - count + 1))
         return slice(start, start + count)
+
+
+def _zeros_uint8(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """A zero uint8 tensor; in a worker, allocated in shared memory (zero-filled by the kernel)
+    so that handing the batch to the main process copies nothing."""
+    if not shared:
+        return torch.zeros(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -231,11 +243,15 @@ def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = 
            for key, value in batch.items()}
     for key in FRAME_DIMS:
         if key in out and out[key].dtype == torch.uint8:
-            features = dequantize(out[key])  # [B, T, D]
+            frames = out[key]  # [B, T, D]
             if "num_frames" in out:
-                steps = torch.arange(features.shape[1], device=features.device)
-                features.masked_fill_((steps >= out["num_frames"][:, None]).unsqueeze(-1), 0.0)
-            out[key] = features
+                # q * scale + bias on real frames, exactly 0 on padding (q = 0 there): one pass less
+                # than dequantizing and then masking
+                steps = torch.arange(frames.shape[1], device=frames.device)
+                bias = (steps < out["num_frames"][:, None]).unsqueeze(-1).to(torch.float32) * DEQUANT_BIAS
+                out[key] = frames.to(torch.float32).mul_(DEQUANT_SCALE).add_(bias)
+            else:
+                out[key] = dequantize(frames)
     return out
 
 

@@ -22,6 +22,8 @@ FRAME_DIMS = {"rgb": RGB_DIM, "audio": AUDIO_DIM}
 LEVELS = ("video", "frame", "segment")
 SEGMENT_KEYS = ("segment_start_times", "segment_labels", "segment_scores")
 SEGMENT_LENGTH = 5
+DEQUANT_SCALE = 4.0 / 255.0
+DEQUANT_BIAS = 4.0 / 512.0 - 2.0
 
 PathArg = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -31,10 +33,9 @@ PathArg = str | os.PathLike | Sequence[str | os.PathLike]
 
 def dequantize(q: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """uint8 features -> float32 in [-2, 2]: `q * 4/255 + (4/512 - 2)`, on the input's device."""
-    scale, bias = 4.0 / 255.0, 4.0 / 512.0 - 2.0
     if isinstance(q, torch.Tensor):
-        return q.to(torch.float32).mul_(scale).add_(bias)  # in place: one allocation
-    return np.asarray(q).astype(np.float32) * np.float32(scale) + np.float32(bias)
+        return q.to(torch.float32).mul_(DEQUANT_SCALE).add_(DEQUANT_BIAS)  # in place: one allocation
+    return np.asarray(q).astype(np.float32) * np.float32(DEQUANT_SCALE) + np.float32(DEQUANT_BIAS)
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
