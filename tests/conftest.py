@@ -14,3 +14,15 @@ def make_frame_example(rng: np.random.Generator, video_id: str, num_frames: int,
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+TINY_CLASSES = 12
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A synthetic corpus of 80 videos (train 56, validate 16, test 8) x 12 classes, 16 videos a shard."""
+    from yt8m.data.synthetic import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("tiny_corpus"), num_videos=80, num_classes=TINY_CLASSES, seed=0,
+                      shard_size=16, progress=False)

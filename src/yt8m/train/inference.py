@@ -57,15 +57,18 @@ def write_submission(model: nn.Module, data, output: str | Path, num_classes: in
     output.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["VideoId", "LabelConfidencePairs"])
-        for ids, probabilities, _ in predict_batches(model, data, num_classes, device, **options):
-            scores, classes = torch.topk(probabilities, min(top_k, num_classes), dim=1)
-            for video_id, row_classes, row_scores in zip(ids, classes.numpy(), scores.numpy()):
-                writer.writerow([video_id, " ".join(f"{c} {s:.6f}" for c, s in zip(row_classes, row_scores))])
-                count += 1
-    tmp.replace(output)
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["VideoId", "LabelConfidencePairs"])
+            for ids, probabilities, _ in predict_batches(model, data, num_classes, device, **options):
+                scores, classes = torch.topk(probabilities, min(top_k, num_classes), dim=1)
+                for video_id, row_classes, row_scores in zip(ids, classes.numpy(), scores.numpy()):
+                    writer.writerow([video_id, " ".join(f"{c} {s:.6f}" for c, s in zip(row_classes, row_scores))])
+                    count += 1
+        tmp.replace(output)
+    finally:  # a failed run leaves no partial file behind
+        tmp.unlink(missing_ok=True)
     return count
 
 

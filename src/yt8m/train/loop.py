@@ -123,6 +123,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     window_start, window_examples = time.perf_counter(), 0
     try:
         for epoch in range(start_epoch, config.epochs):
+            if config.max_steps is not None and step >= config.max_steps:  # resuming a run that is already done
+                break
             loader.set_epoch(epoch)
             model.train()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not progress,
@@ -131,6 +133,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             for batch in bar:
                 batches_in_epoch += 1
                 if batches_in_epoch <= skip_batches:  # resuming: this data was trained on before the stop
+                    continue
+                if len(batch["id"]) == 1 < batch_size:  # a tail batch of one video: BatchNorm cannot train on it
                     continue
                 batch = prepare_batch(batch, device)
                 with autocast(device, config.precision):

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from yt8m.models.layers import (
+    ContextGating,
+    MixtureOfExperts,
+    build_classifier,
+    frame_mask,
+    l2_normalize,
+    masked_batch_norm,
+    masked_max,
+    masked_mean,
+    sample_frames,
+)
+
+frame_counts = st.lists(st.integers(0, 7), min_size=1, max_size=5)
+
+
+def padded(num_frames: list[int], max_frames: int = 7, dim: int = 3, seed: int = 0):
+    """Random real frames, garbage (huge values) in the padding: ([B, T, D], num_frames [B])."""
+    x = torch.randn(len(num_frames), max_frames, dim, generator=torch.Generator().manual_seed(seed))
+    counts = torch.tensor(num_frames)
+    x[~frame_mask(counts, max_frames)] = 1e6
+    return x, counts
+
+
+def test_frame_mask_marks_the_first_num_frames_steps():
+    mask = frame_mask(torch.tensor([0, 2, 4]), 4)
+    assert mask.tolist() == [[False] * 4, [True, True, False, False], [True] * 4]
+
+
+@settings(max_examples=30, deadline=None)
+@given(frame_counts)
+def test_masked_mean_and_max_pool_the_real_frames_only(num_frames):
+    x, counts = padded(num_frames)
+    mask = frame_mask(counts, x.shape[1])
+    mean, maximum = masked_mean(x, mask), masked_max(x, mask)
+    for i, n in enumerate(num_frames):
+        real = x[i, :n]
+        expected_mean = real.mean(0) if n else torch.zeros(3)
+        expected_max = real.amax(0) if n else torch.zeros(3)
+        torch.testing.assert_close(mean[i], expected_mean)
+        assert torch.equal(maximum[i], expected_max)
+
+
+def test_masked_max_passes_gradients_to_real_frames_only():
+    x, counts = padded([3, 0, 7])
+    x.requires_grad_(True)
+    masked_max(x, frame_mask(counts, 7)).sum().backward()
+    assert torch.all(x.grad[~frame_mask(counts, 7)] == 0)
+    assert x.grad[0, :3].abs().sum() > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(frame_counts, st.integers(1, 10), st.integers(0, 2**31 - 1))
+def test_sample_frames_returns_real_frames_only(num_frames, num_samples, seed):
+    max_frames = 7
+    counts = torch.tensor(num_frames)
+    # frame t of every video holds the value t + 1; padding holds -1
+    x = torch.arange(1, max_frames + 1, dtype=torch.float32)[None, :, None].repeat(len(num_frames), 1, 2)
+    x[~frame_mask(counts, max_frames)] = -1.0
+    frames, new_counts = sample_frames(x, counts, num_samples, torch.Generator().manual_seed(seed))
+    assert frames.shape == (len(num_frames), num_samples, 2)
+    for i, n in enumerate(num_frames):
+        if n == 0:
+            assert new_counts[i] == 0 and torch.all(frames[i] == 0)
+        else:
+            assert new_counts[i] == num_samples
+            assert torch.all((frames[i] >= 1) & (frames[i] <= n))
+            assert torch.equal(frames[i, :, 0], frames[i, :, 1])  # whole frames, not mixed features
+
+
+def test_sample_frames_is_uniform_over_the_real_frames():
+    x = torch.arange(1, 11, dtype=torch.float32)[None, :, None]
+    frames, _ = sample_frames(x, torch.tensor([4]), 4000, torch.Generator().manual_seed(0))
+    counts = np.bincount(frames.flatten().long().numpy(), minlength=11)
+    assert counts[5:].sum() == 0
+    assert np.all(np.abs(counts[1:5] - 1000) < 120)
+
+
+def test_l2_normalize_gives_unit_rows_and_keeps_zero_rows():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert torch.allclose(l2_normalize(x), torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
+
+
+def test_masked_batch_norm_uses_the_statistics_of_the_real_frames():
+    x, counts = padded([2, 5, 0, 7], dim=4)
+    mask = frame_mask(counts, 7)
+    norm = nn.BatchNorm1d(4).train()
+    out = masked_batch_norm(norm, x, mask)
+    real = x[mask]
+    expected = (real - real.mean(0)) / torch.sqrt(real.var(0, unbiased=False) + norm.eps)
+    torch.testing.assert_close(out[mask], expected, rtol=1e-4, atol=1e-5)
+    assert torch.all(out[~mask] == 0)
+    torch.testing.assert_close(norm.running_mean, 0.1 * real.mean(0))
+
+
+def test_context_gating_matches_its_formula():
+    torch.manual_seed(0)
+    gating = ContextGating(6).eval()
+    with torch.no_grad():
+        gating.norm.running_mean.uniform_(-1, 1)
+        gating.norm.running_var.uniform_(0.5, 2)
+        x = torch.randn(5, 6)
+        norm = gating.norm
+        gate = (x @ gating.gate.weight.T - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+        torch.testing.assert_close(gating(x), x * torch.sigmoid(gate * norm.weight + norm.bias))
+
+
+def starter_moe_logits(moe: MixtureOfExperts, x: torch.Tensor) -> torch.Tensor:
+    """The starter code's MoE probability in float64, turned into logits log(p / (1 - p))."""
+    x = x.double()
+    classes, mixtures = moe.num_classes, moe.num_mixtures
+    gate_logits = (x @ moe.gates.weight.double().T).view(-1, mixtures + 1)  # [B * C, M + 1]
+    expert_logits = (x @ moe.experts.weight.double().T + moe.experts.bias.double()).view(-1, mixtures)
+    gates = torch.softmax(gate_logits, dim=1)
+    experts = torch.sigmoid(expert_logits)
+    p = (gates[:, :mixtures] * experts).sum(1).view(-1, classes)
+    return torch.log(p / (1 - p))
+
+
+@pytest.mark.parametrize("num_mixtures", [1, 2, 4])
+def test_moe_logits_agree_with_the_starter_formula(num_mixtures):
+    torch.manual_seed(num_mixtures)
+    moe = MixtureOfExperts(16, 7, num_mixtures)
+    x = torch.randn(9, 16)
+    torch.testing.assert_close(moe.double()(x.double()), starter_moe_logits(moe, x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(moe.float()(x), starter_moe_logits(moe, x).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_moe_logits_stay_finite_for_extreme_inputs():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(16, 7, 2)
+    x = torch.randn(9, 16)
+    for scale in (1e3, 1e6, 1e12, 1e20):
+        logits = moe(x * scale)
+        assert torch.isfinite(logits).all(), scale
+        logits.sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in moe.parameters())
+        moe.zero_grad()
+    # saturated experts: p -> (1 - dummy gate) at most, so the logit is bounded by the gates
+    with torch.no_grad():
+        moe.experts.bias.fill_(1e4)
+        logits = moe(x)
+        gates = torch.softmax(moe.gates(x).double().view(9, 7, 3), -1)
+        torch.testing.assert_close(logits.double(), torch.log((1 - gates[..., -1]) / gates[..., -1]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_classifiers_expose_their_weight_matrices_for_l2():
+    moe = build_classifier("moe", 8, 3, num_mixtures=2)
+    assert [w.shape for w in moe.classifier_weights()] == [(9, 8), (6, 8)]
+    logistic = build_classifier("logistic", 8, 3)
+    assert [w.shape for w in logistic.classifier_weights()] == [(3, 8)]
+    with pytest.raises(ValueError, match="'moe' or 'logistic'"):
+        build_classifier("svm", 8, 3)
