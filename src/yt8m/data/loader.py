@@ -9,7 +9,9 @@ with the number of shards.
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -190,9 +192,10 @@ class YT8MLoader:
     """A re-iterable loader over a `YT8MDataset`; each pass over it is one epoch."""
 
     def __init__(self, dataset: YT8MDataset, num_workers: int = 0, pin_memory: bool = False,
-                 prefetch_factor: int | None = None, persistent_workers: bool = False):
+                 prefetch_factor: int | None = None, persistent_workers: bool = False, prefetch_thread: bool = True):
         self.dataset = dataset
         self.epoch = 0
+        self.prefetch_thread = prefetch_thread and num_workers == 0
         self._loader = DataLoader(
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers else None,
@@ -205,14 +208,63 @@ class YT8MLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.epoch)
         self.epoch += 1
+        if self.prefetch_thread:
+            return _in_thread(iter(self._loader), depth=2)
         return iter(self._loader)
+
+
+def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
+    """Produces `batches` in a background thread, `depth` ahead of the consumer.
+
+    Reading, CRC checks, NumPy copies and torch kernels release the GIL, so without worker
+    processes (and their inter-process copies) decoding still overlaps the training step.
+    Errors are re-raised in the consumer; leaving the loop early stops the thread.
+    """
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            item = done
+        except BaseException as error:  # handed to the consumer
+            item = error
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=produce, name="yt8m-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_frames: int = 300,
                 sampling: str = "all", num_classes: int = 3862, shuffle: bool = False, num_workers: int = 0,
                 seed: int = 0, *, num_samples: int | None = None, shuffle_buffer: int = 1024,
                 drop_last: bool = False, on_error: str = "raise", check_crc: bool = True,
-                pin_memory: bool = False, prefetch_factor: int | None = None,
+                pin_memory: bool = False, prefetch_factor: int | None = None, prefetch_thread: bool = True,
                 rank: int | None = None, world_size: int | None = None) -> YT8MLoader:
     """Batches of YouTube-8M records, streamed from TFRecord shards.
 
@@ -226,30 +278,31 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     "subsequence" takes `num_samples` consecutive frames from a random start.
     Shards are split by distributed rank (`rank`/`world_size`, default: torch.distributed when
     initialised) and DataLoader worker. With `shuffle`, the file order changes every epoch
-    and records pass through a buffer of `shuffle_buffer` records. Dequantize on the device:
-    `prepare_batch(batch, device)`.
+    and records pass through a buffer of `shuffle_buffer` records. With `num_workers=0`, batches
+    are made in a background thread (`prefetch_thread`) two ahead of the consumer. Dequantize
+    on the device: `prepare_batch(batch, device)`.
     """
     dataset = YT8MDataset(paths, level, batch_size, max_frames, sampling, num_samples, num_classes, shuffle,
                           shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size)
-    return YT8MLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+    return YT8MLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                      prefetch_thread=prefetch_thread)
 
 
 def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = True) -> dict:
     """Moves a batch to `device` and dequantizes uint8 frames there to float32.
 
-    Padding frames (at and after `num_frames`) become exact zeros, as in the starter code.
+    Padding frames (at and after `num_frames`, zero bytes in the batches of `make_loader`)
+    become exact zeros, as in the starter code.
     """
     out = {key: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
            for key, value in batch.items()}
     for key in FRAME_DIMS:
         if key in out and out[key].dtype == torch.uint8:
             frames = out[key]  # [B, T, D]
-            if "num_frames" in out:
-                # q * scale + bias on real frames, exactly 0 on padding (q = 0 there): one pass less
-                # than dequantizing and then masking
+            if "num_frames" in out:  # q * scale + bias on real frames, 0 on (zero) padding, one kernel
                 steps = torch.arange(frames.shape[1], device=frames.device)
                 bias = (steps < out["num_frames"][:, None]).unsqueeze(-1).to(torch.float32) * DEQUANT_BIAS
-                out[key] = frames.to(torch.float32).mul_(DEQUANT_SCALE).add_(bias)
+                out[key] = torch.add(bias, frames, alpha=DEQUANT_SCALE)
             else:
                 out[key] = dequantize(frames)
     return out

@@ -42,13 +42,14 @@ def read_records(path: str | os.PathLike, check_crc: bool = True) -> Iterator[tu
             length, length_crc = _HEADER.unpack(header)
             if check_crc and masked_crc(header[:8]) != length_crc:
                 raise CorruptRecordError(path, offset, "length CRC mismatch (not a TFRecord file, or corrupt)")
-            body = f.read(length + 4)
-            if len(body) < length + 4:
+            payload = f.read(length)  # read apart from the footer: slicing would copy the payload
+            footer = f.read(4)
+            if len(payload) < length or len(footer) < 4:
                 raise CorruptRecordError(
-                    path, offset, f"truncated record: expected {length + 4} bytes after the header, found {len(body)}"
+                    path, offset, f"truncated record: expected {length + 4} bytes after the header, "
+                                  f"found {len(payload) + len(footer)}"
                 )
-            payload = body[:length]
-            if check_crc and masked_crc(payload) != _FOOTER.unpack_from(body, length)[0]:
+            if check_crc and masked_crc(payload) != _FOOTER.unpack(footer)[0]:
                 raise CorruptRecordError(path, offset, "payload CRC mismatch")
             yield offset, payload
             offset += _HEADER.size + length + 4
