@@ -140,6 +140,8 @@ def train(model: str, train_data: str, output: Path, valid_data: str | None, num
         summary = _data_errors(lambda: run_training(config, resume=resume, progress=not quiet))
     except TrainingError as error:
         raise click.ClickException(str(error)) from None
+    if summary["rank"] != 0:  # under torchrun, rank 0 reports
+        return
     valid = summary["valid"]
     loss = f", loss {summary['loss']:.4f}" if summary["loss"] is not None else ""  # None: nothing left to train
     scores = f", valid GAP {valid['gap']:.4f}" if valid else ""

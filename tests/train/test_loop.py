@@ -132,6 +132,47 @@ def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_corpus
     assert torch.load(last_good, weights_only=False)["step"] == 4
 
 
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_infinite_gradients_stop_before_the_update(tiny_corpus, tmp_path, monkeypatch):
+    original = VideoClassifier.loss
+    calls = {"n": 0}
+
+    def loss(self, logits, labels):  # a finite loss whose gradient is infinite at the 4th step
+        calls["n"] += 1
+        value = original(self, logits, labels)
+        return InfiniteGradient.apply(value) if calls["n"] == 4 else value
+
+    monkeypatch.setattr(VideoClassifier, "loss", loss)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match="gradient norm is (inf|nan).* at step 4") as error:
+        train(make_config(tiny_corpus, run_dir, "moe", checkpoint_every=2), progress=False)
+    assert "step-00000002.pt" in str(error.value)
+    assert all(torch.isfinite(v).all() for v in torch.load(checkpoints(run_dir)[-1], weights_only=False)["model"].values())
+
+
+def test_resume_forgets_what_the_stopped_run_logged_after_its_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    calls = interrupt_adam_at(monkeypatch, 5)  # checkpoints at 3; steps 4 logged, then killed
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_corpus, run_dir), progress=False)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    calls["at"] = None
+    train(make_config(tiny_corpus, run_dir), resume=True, progress=False)
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, 15))
+
+
 def test_a_nan_loss_before_any_checkpoint_says_so(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(VideoClassifier, "loss", lambda self, logits, labels: logits.sum() * float("nan"))
     with pytest.raises(TrainingError, match=r"step 1 .*none \(no checkpoint written yet\)"):
@@ -279,7 +320,7 @@ def test_a_tail_batch_of_one_video_does_not_stop_batch_norm_models(tiny_corpus, 
     assert summary["steps"] == 10 and summary["examples"] == 110
 
 
-@pytest.mark.parametrize("model", ["moe", "dbof"])
+@pytest.mark.parametrize("model", ["moe", "dbof", "lstm"])
 def test_bf16_autocast_trains(tiny_corpus, tmp_path, model):
     summary = train(make_config(tiny_corpus, tmp_path / "run", model, epochs=1, precision="bf16"), progress=False)
     assert summary["steps"] == 7 and math.isfinite(summary["loss"])

@@ -30,8 +30,11 @@ class RecurrentClassifier(VideoClassifier):
     def forward_features(self, rgb, audio, num_frames):
         x = self.inputs(rgb, audio)  # [B, T, D]
         lengths = num_frames.clamp(min=1, max=x.shape[1]).cpu()
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, state = self.rnn(packed)
+        if x.device.type == "cpu":  # oneDNN has no bfloat16 LSTM: the recurrence runs in float32 on the CPU
+            with torch.autocast("cpu", enabled=False):
+                _, state = self.rnn(pack_padded_sequence(x.float(), lengths, batch_first=True, enforce_sorted=False))
+        else:
+            _, state = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
         hidden = state[0] if isinstance(state, tuple) else state  # [layers, B, H]
         return hidden[-1]
 

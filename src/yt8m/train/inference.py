@@ -31,8 +31,9 @@ def predict_batches(model: nn.Module, data, num_classes: int, device: torch.devi
                     max_frames: int = 300, precision: str = "fp32", num_workers: int = 0,
                     progress: bool = True, desc: str = "predict") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """Yield (ids, probabilities [B, C] float32 on the CPU, labels [B, C]) over all records of `data`."""
+    # every record, even inside a distributed run (where rank 0 validates alone)
     loader = make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
-                         num_classes=num_classes, num_workers=num_workers)
+                         num_classes=num_classes, num_workers=num_workers, rank=0, world_size=1)
     model.eval()
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):

@@ -1,0 +1,30 @@
+"""DDP training through torchrun on the CPU (gloo): two ranks, one run directory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from yt8m.train import load_model
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_trains_one_model_with_two_ranks(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "yt8m.cli", "train", "moe",
+               "--train-data", str(tiny_corpus.out_dir / "video" / "train*.tfrecord"),
+               "--valid-data", str(tiny_corpus.out_dir / "video" / "validate*.tfrecord"),
+               "--output", str(run_dir), "--num-classes", "12", "--epochs", "2", "--batch-size", "8", "--quiet"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained moe") == 1  # rank 0 reports
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if "valid_gap" in r]
+    assert len(valid) == 2 and valid[-1]["valid_num_videos"] == tiny_corpus.num_videos["validate"]
+    # the ranks split the 56 training videos: rank 0 takes fewer than all 7 batches of an epoch
+    assert 0 < max(r["step"] for r in records) < 14
+    model = load_model(run_dir)
+    assert model.config["name"] == "moe"
