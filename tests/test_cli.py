@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from yt8m.cli import main
 from yt8m.data import iter_examples
-from yt8m.models import available
+from yt8m.models import available, presets
 from yt8m.train import read_submission
 
 NUM_CLASSES = 12
@@ -206,7 +206,7 @@ def test_eval_and_predict_reject_data_with_more_classes_than_the_model(tiny_corp
 def test_models_lists_every_registered_model():
     result = invoke("models")
     assert result.exit_code == 0
-    assert [line.split()[0] for line in result.stdout.splitlines()] == available()
+    assert [line.split()[0] for line in result.stdout.splitlines()] == available() + sorted(presets())
 
 
 def test_quickstart_runs_end_to_end_on_a_tiny_corpus(tmp_path):

@@ -70,11 +70,12 @@ def _resolve_data(pattern: str, what: str) -> list[str]:
 
 
 def _check_model(name: str) -> None:
-    from yt8m.models import available
+    from yt8m.models import entry
 
-    if name not in available():
-        raise click.BadParameter(f"unknown model {name!r}; known models: {', '.join(available())}",
-                                 param_hint="MODEL")
+    try:
+        entry(name)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="MODEL") from None
 
 
 def _run_dir(run_dir: Path) -> Path:
@@ -200,10 +201,14 @@ def predict(run_dir: Path, data: str, output: Path, top_k: int, batch_size: int,
 @main.command()
 def models() -> None:
     """List the registered models."""
-    from yt8m.models import available, entry
+    from yt8m.models import available, entry, presets
 
     for name in available():
         click.echo(f"{name:16s} {entry(name).description}")
+    for name, preset in sorted(presets().items()):
+        reported = ", ".join(f"{k} {v}" for k, v in preset.reported.items())
+        click.echo(f"{name:16s} preset of {preset.model}: {preset.description}"
+                   + (f" [{preset.source}; {reported}]" if preset.source or reported else ""))
 
 
 QUICKSTART_MODEL = "dbof"

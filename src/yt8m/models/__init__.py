@@ -6,6 +6,6 @@ Every model maps `forward(rgb, audio, num_frames)` to class LOGITS [B, C] and ha
 
 from yt8m.models import frame, recurrent, video  # noqa: F401  (registers the models)
 from yt8m.models.base import VideoClassifier
-from yt8m.models.registry import available, build, entry, register
+from yt8m.models.registry import Preset, available, build, entry, presets, register
 
-__all__ = ["VideoClassifier", "available", "build", "entry", "register"]
+__all__ = ["Preset", "VideoClassifier", "available", "build", "entry", "presets", "register"]

@@ -14,6 +14,9 @@ class VideoClassifier(nn.Module):
     and `forward_head` (classifier), so heads, gating and losses apply to any pooling.
 
     Inputs are float: [B, T, D] frames for `level == "frame"`, [B, D] means for "video".
+    A model trained with extra terms (members of a mixture, distillation) may return, in
+    training mode only, a dict holding "logits" and what its own `loss` needs; in eval mode
+    every model returns the logits tensor.
     `train_sampling` optionally asks the training loader for sampled frames, e.g.
     `{"sampling": "random", "num_samples": 30}`; evaluation always reads all frames.
     """

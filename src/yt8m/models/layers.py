@@ -117,3 +117,37 @@ def masked_batch_norm(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> t
     out = torch.zeros_like(x)
     out[mask] = norm(x[mask]).to(out.dtype)
     return out
+
+
+class SoftAssignment(nn.Module):
+    """Soft assignment of frames to K clusters, `a = softmax_K(BN(x W))` (BN replaces the bias),
+    W ~ N(0, 1/sqrt(D)); padding frames get zero weight and stay out of the BN statistics.
+
+    x [B, T, D], mask [B, T] -> a [B, T, K].
+    """
+
+    def __init__(self, in_dim: int, num_clusters: int, batch_norm: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, num_clusters, bias=not batch_norm)
+        init_normal_(self.proj.weight, in_dim)
+        self.norm = nn.BatchNorm1d(num_clusters) if batch_norm else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.proj(x)  # [B, T, K]
+        if self.norm is not None:
+            scores = masked_batch_norm(self.norm, scores, mask)
+        return torch.softmax(scores, dim=-1) * mask.unsqueeze(-1).to(scores.dtype)
+
+
+class SEContextGating(nn.Module):
+    """NeXtVLAD's squeeze-and-excitation gating: `h * sigmoid(FC(ReLU(BN(FC(h -> H/r)))) -> H)`,
+    about 2H^2/r parameters instead of the H^2 of `ContextGating`."""
+
+    def __init__(self, dim: int, reduction: int = 8):
+        super().__init__()
+        self.squeeze = nn.Linear(dim, dim // reduction, bias=False)
+        self.norm = nn.BatchNorm1d(dim // reduction)
+        self.excite = nn.Linear(dim // reduction, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.excite(torch.relu(self.norm(self.squeeze(x)))))

@@ -183,8 +183,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                         continue
                     batch = prepare_batch(batch, device)
                     with autocast(device, config.precision):
-                        logits = forward(batch["rgb"], batch["audio"], batch["num_frames"])
-                        loss = model.loss(logits, batch["labels"])
+                        outputs = forward(batch["rgb"], batch["audio"], batch["num_frames"])
+                        loss = model.loss(outputs, batch["labels"])  # a model with members adds its own terms
+                    logits = outputs["logits"] if isinstance(outputs, dict) else outputs
                     penalty = sum(w.float().pow(2).sum() for w in model.classifier_weights()) * (config.l2 / 2)
                     optimizer.zero_grad(set_to_none=True)
                     (loss + penalty).backward()
