@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from pathlib import Path
 
@@ -200,15 +201,15 @@ def predict(run_dir: Path, data: str, output: Path, top_k: int, batch_size: int,
 
 @main.command()
 def models() -> None:
-    """List the registered models."""
+    """List the registered models and presets (`yt8m train NAME` takes either)."""
     from yt8m.models import available, entry, presets
 
     for name in available():
-        click.echo(f"{name:16s} {entry(name).description}")
+        click.echo(f"{name:18s} {entry(name).description}")
     for name, preset in sorted(presets().items()):
-        reported = ", ".join(f"{k} {v}" for k, v in preset.reported.items())
-        click.echo(f"{name:16s} preset of {preset.model}: {preset.description}"
-                   + (f" [{preset.source}; {reported}]" if preset.source or reported else ""))
+        if name not in available():  # a preset named as its model only records the paper's figures
+            title = re.split(r"[:.] ", preset.description, maxsplit=1)[0]
+            click.echo(f"{name:18s} preset of {preset.model}: {title}")
 
 
 QUICKSTART_MODEL = "dbof"

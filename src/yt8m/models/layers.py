@@ -151,3 +151,22 @@ class SEContextGating(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.excite(torch.relu(self.norm(self.squeeze(x)))))
+
+
+class ProbabilityGating(nn.Module):
+    """WILLOW's "gated MoE": context gating of the class probabilities, `p' = p * sigmoid(BN(p W))`,
+    W C x C ~ N(0, 1/sqrt(C)) (BN replaces the bias). Takes and returns LOGITS: `p = sigmoid(z)`,
+    `z' = log p' - log(1 - p')`, computed in log space (`1 - p' = (1 - p) + p (1 - gate)`)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.gate = nn.Linear(num_classes, num_classes, bias=False)
+        init_normal_(self.gate.weight, num_classes)
+        self.norm = nn.BatchNorm1d(num_classes)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        gates = self.norm(self.gate(torch.sigmoid(logits)))  # [B, C]
+        log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
+        log_gated = log_p + F.logsigmoid(gates)
+        log_not_gated = torch.logaddexp(log_not_p, log_p + F.logsigmoid(-gates))
+        return log_gated - log_not_gated
