@@ -79,10 +79,15 @@ def _check_model(name: str) -> None:
         raise click.BadParameter(str(error), param_hint="MODEL") from None
 
 
-def _run_dir(run_dir: Path) -> Path:
+def _load_run(run_dir: Path, data: str, device: str):
+    """(the trained model of RUN_DIR on its device, the files of --data, the device)."""
+    from yt8m.train import load_model, resolve_device
+
     if not run_dir.is_dir():
         raise click.BadParameter(f"run directory not found: {run_dir}", param_hint="RUN_DIR")
-    return run_dir
+    files = _resolve_data(data, "--data")
+    target = resolve_device(device)
+    return load_model(run_dir, map_location=target).to(target), files, target
 
 
 def _data_errors(run):
@@ -163,12 +168,9 @@ def evaluate_command(run_dir: Path, data: str, top_k: int, batch_size: int, devi
     """Score the model of RUN_DIR on --data: GAP@20, mAP, Hit@1, PERR."""
     import json
 
-    from yt8m.train import evaluate, load_model, resolve_device
+    from yt8m.train import evaluate
 
-    _run_dir(run_dir)
-    files = _resolve_data(data, "--data")
-    target = resolve_device(device)
-    model = load_model(run_dir, map_location=target).to(target)
+    model, files, target = _load_run(run_dir, data, device)
     scores = _data_errors(lambda: evaluate(model, files, model.num_classes, target, top_k=top_k,
                                            batch_size=batch_size, progress=not as_json))
     if as_json:
@@ -188,12 +190,9 @@ def evaluate_command(run_dir: Path, data: str, top_k: int, batch_size: int, devi
 @usage_errors
 def predict(run_dir: Path, data: str, output: Path, top_k: int, batch_size: int, device: str) -> None:
     """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) for --data."""
-    from yt8m.train import load_model, resolve_device, write_submission
+    from yt8m.train import write_submission
 
-    _run_dir(run_dir)
-    files = _resolve_data(data, "--data")
-    target = resolve_device(device)
-    model = load_model(run_dir, map_location=target).to(target)
+    model, files, target = _load_run(run_dir, data, device)
     count = _data_errors(lambda: write_submission(model, files, output, model.num_classes, target, top_k=top_k,
                                                   batch_size=batch_size))
     click.echo(f"wrote {count} videos to {output}")

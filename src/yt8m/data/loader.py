@@ -224,26 +224,24 @@ def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
     stop = threading.Event()
     done = object()
 
-    def produce() -> None:
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        slots.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            item = done
-        except BaseException as error:  # handed to the consumer
-            item = error
+    def put(item) -> bool:
+        """Waits for a free slot; False once the consumer has gone."""
         while not stop.is_set():
             try:
                 slots.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(done)
+        except BaseException as error:  # handed to the consumer
+            put(error)
 
     thread = threading.Thread(target=produce, name="yt8m-loader", daemon=True)
     thread.start()
