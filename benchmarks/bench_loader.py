@@ -2,7 +2,11 @@
 dequantized to float32, against a standard tf.data pipeline on the same files when TensorFlow
 is installed (it is not a dependency: `pip install tensorflow-cpu` to get the comparison).
 
-    python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2]
+    python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 3]
+
+Both pipelines run in this process with the host memory settings of the yt8m command line
+(`yt8m.host_memory`; YT8M_TUNE_MALLOC=0 turns them off), and each reports the median of
+`--epochs` timed epochs after one warm-up epoch.
 """
 
 from __future__ import annotations
@@ -10,16 +14,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the yt8m CLI does; must precede importing torch
+from yt8m.host_memory import tune_host_memory
 
-import numpy as np
-import torch
+MALLOC_TUNED = tune_host_memory()  # as the yt8m command line does; must precede importing torch
 
-from yt8m.data import make_loader, prepare_batch, write_examples
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from yt8m.data import make_loader, prepare_batch, write_examples  # noqa: E402
 
 BATCH, MAX_FRAMES, NUM_CLASSES = 64, 300, 3862
 
@@ -40,14 +47,19 @@ def write_shards(directory: Path, videos: int, shards: int, seed: int = 0) -> li
     return paths
 
 
-def time_epoch(batches, touch) -> tuple[float, int]:
-    start, videos = time.perf_counter(), 0
-    for batch in batches:
-        videos += touch(batch)
-    return time.perf_counter() - start, videos
+def videos_per_second(batches, touch, epochs: int) -> float:
+    """The median over `epochs` timed passes over `batches`, after one warm-up pass."""
+    rates = []
+    for epoch in range(epochs + 1):
+        start, videos = time.perf_counter(), 0
+        for batch in batches:
+            videos += touch(batch)
+        if epoch:
+            rates.append(videos / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
-def bench_yt8m(paths: list[str], workers: int) -> float:
+def bench_yt8m(paths: list[str], workers: int, epochs: int) -> float:
     loader = make_loader(paths, batch_size=BATCH, max_frames=MAX_FRAMES, num_classes=NUM_CLASSES,
                          num_workers=workers)
 
@@ -55,12 +67,10 @@ def bench_yt8m(paths: list[str], workers: int) -> float:
         ready = prepare_batch(batch, "cpu")  # uint8 -> float32, padding zeroed
         return ready["rgb"].shape[0]
 
-    time_epoch(loader, touch)  # warm-up: page cache, worker start
-    seconds, videos = time_epoch(loader, touch)
-    return videos / seconds
+    return videos_per_second(loader, touch, epochs)
 
 
-def bench_tensorflow(paths: list[str]) -> float | None:
+def bench_tensorflow(paths: list[str], epochs: int) -> float | None:
     try:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         import tensorflow as tf
@@ -87,9 +97,7 @@ def bench_tensorflow(paths: list[str]) -> float | None:
                .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(BATCH).prefetch(tf.data.AUTOTUNE))
     touch = lambda batch: int(batch["rgb"].shape[0])
-    time_epoch(dataset, touch)
-    seconds, videos = time_epoch(dataset, touch)
-    return videos / seconds
+    return videos_per_second(dataset, touch, epochs)
 
 
 def main() -> None:
@@ -97,10 +105,12 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (the median is reported)")
     parser.add_argument("--data", help="existing frame-level files (glob) instead of generated shards")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}); "
+          f"({torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}, "
+          f"malloc tuned: {MALLOC_TUNED}); "
           f"batch {BATCH} x {MAX_FRAMES} frames -> float32")
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
@@ -110,13 +120,17 @@ def main() -> None:
             paths = write_shards(Path(tmp), args.videos, args.shards)
         size = sum(os.path.getsize(p) for p in paths) / 2**20
         print(f"data: {len(paths)} shards, {size:.0f} MiB")
+        rates = {}
         for workers in args.workers:
-            print(f"yt8m make_loader, {workers} worker(s): {bench_yt8m(paths, workers):8.0f} videos/s")
-        tf_rate = bench_tensorflow(paths)
+            rates[workers] = bench_yt8m(paths, workers, args.epochs)
+            print(f"yt8m make_loader, {workers} worker(s): {rates[workers]:8.0f} videos/s")
+        tf_rate = bench_tensorflow(paths, args.epochs)
         if tf_rate is None:
             print("tf.data: TensorFlow not installed, comparison skipped")
-        else:
-            print(f"tf.data (AUTOTUNE parallel parse):  {tf_rate:8.0f} videos/s")
+            return
+        print(f"tf.data (AUTOTUNE parallel parse):  {tf_rate:8.0f} videos/s")
+        for workers, rate in rates.items():
+            print(f"yt8m / tf.data, {workers} worker(s): {rate / tf_rate:5.2f}x")
 
 
 if __name__ == "__main__":

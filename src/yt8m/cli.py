@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
-import os
 import re
 import time
 from pathlib import Path
 
-# Transparent huge pages for torch's large CPU buffers (frame batches): about half the page-fault
-# cost of dequantizing a batch. Read once by torch's allocator, so it must precede importing torch.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from yt8m.host_memory import tune_host_memory
+
+# Reused heap memory and huge pages for the large CPU buffers of frame batches (see
+# yt8m.host_memory); the huge-page setting is read when torch starts, so this precedes torch.
+tune_host_memory()
 
 import click  # noqa: E402
 

@@ -141,14 +141,17 @@ class YT8MDataset(IterableDataset):
             batch["num_frames"] = torch.ones(size, dtype=torch.int64)
             return batch
         length = self.max_frames if self.sampling == "all" else self.num_samples
-        in_worker = get_worker_info() is not None
-        frames = {key: _zeros_uint8((size, length, dim), shared=in_worker) for key, dim in FRAME_DIMS.items()}
+        in_worker = get_worker_info() is not None  # shared memory comes zero-filled from the kernel
+        frames = {key: _uint8_buffer((size, length, dim), shared=in_worker) for key, dim in FRAME_DIMS.items()}
         num_frames = np.zeros(size, np.int64)
         for i, example in enumerate(examples):
             index = self._frame_index(example["rgb"].shape[0], length, rng)
-            num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
+            count = num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
             for key, out in frames.items():
-                out.numpy()[i, : num_frames[i]] = example[key][index]
+                rows = out.numpy()[i]
+                rows[:count] = example[key][index]
+                if not in_worker:
+                    rows[count:] = 0
         batch.update(frames)
         batch["num_frames"] = torch.from_numpy(num_frames)
         if self.level == "segment":
@@ -166,11 +169,11 @@ class YT8MDataset(IterableDataset):
         return slice(start, start + count)
 
 
-def _zeros_uint8(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """A zero uint8 tensor; in a worker, allocated in shared memory (zero-filled by the kernel)
-    so that handing the batch to the main process copies nothing."""
+def _uint8_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """An uninitialised uint8 tensor; with `shared`, a zero-filled one in shared memory (what the
+    kernel gives), so that handing the batch from a worker to the main process copies nothing."""
     if not shared:
-        return torch.zeros(shape, dtype=torch.uint8)
+        return torch.empty(shape, dtype=torch.uint8)
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
