@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from yt8m.host_memory import tune_host_memory
+
+tune_host_memory()  # as the yt8m command line does; must precede importing torch
 
 import torch  # noqa: E402
 
@@ -43,7 +45,7 @@ def corpus(directory: Path, videos: int, classes: int, seed: int):
 def run(model: str, files: dict, args, work: Path) -> dict:
     probe = load_level(model)
     config = TrainConfig(model=model, train_data=files[probe]["train"], output=str(work / model),
-                         num_classes=args.classes, epochs=args.epochs, batch_size=args.batch_size,
+                         num_classes=args.classes, epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,
                          device=args.device, precision=args.precision, log_every=5, checkpoint_every=10**9,
                          num_workers=args.workers, seed=args.seed)
     start = time.perf_counter()
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each run early (for examples/s only)")
     parser.add_argument("--models", nargs="+", default=BASELINES)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -81,7 +84,8 @@ def main() -> None:
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), {os.cpu_count()} cores, torch {torch.__version__}, {args.precision}; "
-          f"corpus {args.videos} videos x {args.classes} classes, {args.epochs} epochs, batch {args.batch_size}")
+          f"corpus {args.videos} videos x {args.classes} classes, {args.epochs} epochs, batch {args.batch_size}"
+          + (f", at most {args.max_steps} steps" if args.max_steps else ""))
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

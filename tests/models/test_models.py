@@ -168,3 +168,13 @@ def test_overrides_reach_the_layers():
     assert model.head.num_mixtures == 3 and model.head.num_classes == 5
     lstm = build("lstm", 5, hidden_size=8, num_layers=1)
     assert lstm.rnn.hidden_size == 8 and lstm.rnn.num_layers == 1
+
+
+def test_lstm_forget_gate_bias_is_the_starter_codes():
+    lstm = build("lstm", 5, hidden_size=8, num_layers=2).rnn
+    for layer in range(2):
+        total = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")  # gates i, f, g, o
+        assert torch.equal(total[8:16], torch.ones(8))
+        assert not torch.equal(total[:8], torch.zeros(8))  # the other gates keep their random init
+    untouched = build("lstm", 5, hidden_size=8, num_layers=1, forget_bias=0.0).rnn
+    assert torch.equal((untouched.bias_ih_l0 + untouched.bias_hh_l0)[8:16], torch.zeros(8))

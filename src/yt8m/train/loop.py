@@ -49,16 +49,31 @@ def clip_gradients(model: nn.Module, mode: str, max_norm: float) -> torch.Tensor
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])  # [P]
+    norms = torch.stack(torch._foreach_norm([g.detach() for g in grads])).float()  # [P], a few kernels in all
     if mode == "per_parameter":  # as the starter code: each variable's gradient clipped on its own
         scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for grad, scale in zip(grads, scales):
-            grad.mul_(scale.to(grad.dtype))
+        torch._foreach_mul_(grads, [scale.to(grad.dtype) for grad, scale in zip(grads, scales.unbind())])
     elif mode == "global":
         scale = (max_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
-        for grad in grads:
-            grad.mul_(scale.to(grad.dtype))
+        torch._foreach_mul_(grads, scale)
     return torch.linalg.vector_norm(norms)
+
+
+def forward_backward(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+                     config: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step up to the update: forward, loss (+ L2 on the classifier), backward, clip.
+
+    `forward` is the model as called (wrapped by DDP or torch.compile); `batch` is dequantized
+    on the device. Returns (loss, logits, global gradient norm before clipping).
+    """
+    with autocast(device, config.precision):
+        outputs = forward(batch["rgb"], batch["audio"], batch["num_frames"])
+        loss = model.loss(outputs, batch["labels"])  # a model with members adds its own terms
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+    penalty = sum(w.float().pow(2).sum() for w in model.classifier_weights()) * (config.l2 / 2)
+    optimizer.zero_grad(set_to_none=True)
+    (loss + penalty).backward()
+    return loss, logits, clip_gradients(model, config.clip, config.clip_norm)
 
 
 class MetricsLog:
@@ -105,7 +120,12 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
         return 0, 1, resolve_device(device)
     resolved = resolve_device(device)
     if resolved.type == "cuda":
-        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= count:
+            raise TrainingError(f"local rank {local_rank} has no GPU: this node has {count}. Start at most {count} "
+                                "processes per node (torchrun --nproc-per-node) or train on the CPU with "
+                                "--set device=cpu")
+        resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
     return dist.get_rank(), dist.get_world_size(), resolved
 
@@ -140,9 +160,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         optimizer.load_state_dict(state["optimizer"])
         step, examples_seen = state["step"], state["examples_seen"]
         start_epoch, skip_batches = state["epoch"], state["batches_in_epoch"]
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved the states with the weights
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state_all([rng.cpu() for rng in state["rng"]["cuda"]])
         if progress:
             tqdm.write(f"resuming {run_dir} from {existing[-1].name} (epoch {start_epoch + 1}, step {step})")
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
@@ -182,14 +202,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                     if len(batch["id"]) == 1 < batch_size:  # a tail batch of one video: BatchNorm cannot train on it
                         continue
                     batch = prepare_batch(batch, device)
-                    with autocast(device, config.precision):
-                        outputs = forward(batch["rgb"], batch["audio"], batch["num_frames"])
-                        loss = model.loss(outputs, batch["labels"])  # a model with members adds its own terms
-                    logits = outputs["logits"] if isinstance(outputs, dict) else outputs
-                    penalty = sum(w.float().pow(2).sum() for w in model.classifier_weights()) * (config.l2 / 2)
-                    optimizer.zero_grad(set_to_none=True)
-                    (loss + penalty).backward()
-                    grad_norm = clip_gradients(model, config.clip, config.clip_norm)
+                    loss, logits, grad_norm = forward_backward(model, forward, optimizer, batch, config, device)
                     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                         last = checkpoints(run_dir)[-1:]
                         what = f"loss is {loss.item()}" if not torch.isfinite(loss) else \
@@ -254,4 +267,4 @@ def config_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CONFIG_FILE
 
 
-__all__ = ["TrainingError", "clip_gradients", "config_path", "staircase_lr", "train"]
+__all__ = ["TrainingError", "clip_gradients", "config_path", "forward_backward", "staircase_lr", "train"]
