@@ -2,11 +2,11 @@
 dequantized to float32, against a standard tf.data pipeline on the same files when TensorFlow
 is installed (it is not a dependency: `pip install tensorflow-cpu` to get the comparison).
 
-    python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 3]
+    python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 5]
 
-Both pipelines run in this process with the host memory settings of the yt8m command line
-(`yt8m.host_memory`; YT8M_TUNE_MALLOC=0 turns them off), and each reports the median of
-`--epochs` timed epochs after one warm-up epoch.
+All pipelines run in this process with the host memory settings of the yt8m command line
+(`yt8m.host_memory`; YT8M_TUNE_MALLOC=0 turns them off). After a warm-up epoch each, they
+take turns, one epoch each per round, and the medians over `--epochs` rounds are reported.
 """
 
 from __future__ import annotations
@@ -47,19 +47,15 @@ def write_shards(directory: Path, videos: int, shards: int, seed: int = 0) -> li
     return paths
 
 
-def videos_per_second(batches, touch, epochs: int) -> float:
-    """The median over `epochs` timed passes over `batches`, after one warm-up pass."""
-    rates = []
-    for epoch in range(epochs + 1):
-        start, videos = time.perf_counter(), 0
-        for batch in batches:
-            videos += touch(batch)
-        if epoch:
-            rates.append(videos / (time.perf_counter() - start))
-    return statistics.median(rates)
+def epoch_rate(batches, touch) -> float:
+    """Videos/s of one pass over `batches`."""
+    start, videos = time.perf_counter(), 0
+    for batch in batches:
+        videos += touch(batch)
+    return videos / (time.perf_counter() - start)
 
 
-def bench_yt8m(paths: list[str], workers: int, epochs: int) -> float:
+def yt8m_pipeline(paths: list[str], workers: int):
     loader = make_loader(paths, batch_size=BATCH, max_frames=MAX_FRAMES, num_classes=NUM_CLASSES,
                          num_workers=workers)
 
@@ -67,10 +63,10 @@ def bench_yt8m(paths: list[str], workers: int, epochs: int) -> float:
         ready = prepare_batch(batch, "cpu")  # uint8 -> float32, padding zeroed
         return ready["rgb"].shape[0]
 
-    return videos_per_second(loader, touch, epochs)
+    return loader, touch
 
 
-def bench_tensorflow(paths: list[str], epochs: int) -> float | None:
+def tensorflow_pipeline(paths: list[str]):
     try:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         import tensorflow as tf
@@ -96,8 +92,7 @@ def bench_tensorflow(paths: list[str], epochs: int) -> float | None:
     dataset = (tf.data.TFRecordDataset(paths, num_parallel_reads=tf.data.AUTOTUNE)
                .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(BATCH).prefetch(tf.data.AUTOTUNE))
-    touch = lambda batch: int(batch["rgb"].shape[0])
-    return videos_per_second(dataset, touch, epochs)
+    return dataset, lambda batch: int(batch["rgb"].shape[0])
 
 
 def main() -> None:
@@ -105,7 +100,7 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (the median is reported)")
+    parser.add_argument("--epochs", type=int, default=5, help="timed rounds (medians are reported)")
     parser.add_argument("--data", help="existing frame-level files (glob) instead of generated shards")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -120,17 +115,30 @@ def main() -> None:
             paths = write_shards(Path(tmp), args.videos, args.shards)
         size = sum(os.path.getsize(p) for p in paths) / 2**20
         print(f"data: {len(paths)} shards, {size:.0f} MiB")
-        rates = {}
-        for workers in args.workers:
-            rates[workers] = bench_yt8m(paths, workers, args.epochs)
-            print(f"yt8m make_loader, {workers} worker(s): {rates[workers]:8.0f} videos/s")
-        tf_rate = bench_tensorflow(paths, args.epochs)
-        if tf_rate is None:
+        pipelines = {f"yt8m make_loader, {workers} worker(s)": yt8m_pipeline(paths, workers) for workers in args.workers}
+        tensorflow = tensorflow_pipeline(paths)
+        if tensorflow is None:
             print("tf.data: TensorFlow not installed, comparison skipped")
-            return
-        print(f"tf.data (AUTOTUNE parallel parse):  {tf_rate:8.0f} videos/s")
-        for workers, rate in rates.items():
-            print(f"yt8m / tf.data, {workers} worker(s): {rate / tf_rate:5.2f}x")
+        else:
+            pipelines["tf.data (AUTOTUNE parallel parse)"] = tensorflow
+        for batches, touch in pipelines.values():  # warm-up: page cache, worker start, graph tracing
+            epoch_rate(batches, touch)
+        # Rounds of one epoch per pipeline, interleaved, so that a slow spell of a shared machine
+        # falls on every pipeline rather than on one.
+        rates = {name: [] for name in pipelines}
+        for _ in range(args.epochs):
+            for name, (batches, touch) in pipelines.items():
+                rates[name].append(epoch_rate(batches, touch))
+        width = max(map(len, rates))
+        for name, values in rates.items():
+            print(f"{name:{width}s} {statistics.median(values):8.0f} videos/s  (epochs: "
+                  f"{', '.join(f'{v:.0f}' for v in values)})")
+        if tensorflow is not None:
+            reference = rates["tf.data (AUTOTUNE parallel parse)"]
+            for name, values in rates.items():
+                if name.startswith("yt8m"):
+                    ratios = [v / r for v, r in zip(values, reference)]
+                    print(f"{name} / tf.data: {statistics.median(ratios):5.2f}x (median of the rounds' ratios)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -22,37 +23,39 @@ def masked_crc(data: bytes | bytearray | memoryview) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def read_records(path: str | os.PathLike, check_crc: bool = True) -> Iterator[tuple[int, bytes]]:
+def read_records(path: str | os.PathLike, check_crc: bool = True) -> Iterator[tuple[int, memoryview]]:
     """Yield `(byte_offset, payload)` for each record of a TFRecord file.
 
-    Raises CorruptRecordError (naming the file and offset) on a truncated record or a CRC
-    mismatch; a reader that skips bad records cannot resynchronise, so the file ends there.
+    The file is memory-mapped: payloads are read-only views of the page cache, so no record is
+    copied before its frames are gathered into a batch. Raises CorruptRecordError (naming the
+    file and offset) on a truncated record or a CRC mismatch; a reader that skips bad records
+    cannot resynchronise, so the file ends there.
     """
     path = str(path)
-    with open(path, "rb", buffering=1 << 20) as f:
-        offset = 0
-        while True:
-            header = f.read(_HEADER.size)
-            if not header:
-                return
-            if len(header) < _HEADER.size:
-                raise CorruptRecordError(
-                    path, offset, f"truncated record header: expected 12 bytes, found {len(header)}"
-                )
-            length, length_crc = _HEADER.unpack(header)
-            if check_crc and masked_crc(header[:8]) != length_crc:
-                raise CorruptRecordError(path, offset, "length CRC mismatch (not a TFRecord file, or corrupt)")
-            payload = f.read(length)  # read apart from the footer: slicing would copy the payload
-            footer = f.read(4)
-            if len(payload) < length or len(footer) < 4:
-                raise CorruptRecordError(
-                    path, offset, f"truncated record: expected {length + 4} bytes after the header, "
-                                  f"found {len(payload) + len(footer)}"
-                )
-            if check_crc and masked_crc(payload) != _FOOTER.unpack(footer)[0]:
-                raise CorruptRecordError(path, offset, "payload CRC mismatch")
-            yield offset, payload
-            offset += _HEADER.size + length + 4
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # lives while views of it do
+    offset = 0
+    while offset < size:
+        if size - offset < _HEADER.size:
+            raise CorruptRecordError(
+                path, offset, f"truncated record header: expected 12 bytes, found {size - offset}")
+        length, length_crc = _HEADER.unpack_from(data, offset)
+        if check_crc and masked_crc(data[offset:offset + 8]) != length_crc:
+            raise CorruptRecordError(path, offset, "length CRC mismatch (not a TFRecord file, or corrupt)")
+        start = offset + _HEADER.size
+        end = start + length
+        if end + _FOOTER.size > size:
+            raise CorruptRecordError(
+                path, offset, f"truncated record: expected {length + 4} bytes after the header, "
+                              f"found {size - start}")
+        payload = data[start:end]
+        if check_crc and masked_crc(payload) != _FOOTER.unpack_from(data, end)[0]:
+            raise CorruptRecordError(path, offset, "payload CRC mismatch")
+        yield offset, payload
+        offset = end + _FOOTER.size
 
 
 def frame_record(payload: bytes | bytearray | memoryview) -> bytes:
