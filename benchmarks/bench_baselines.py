@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from yt8m.host_memory import tune_host_memory
+from yt8m.host import tune_host
 
-tune_host_memory()  # as the yt8m command line does; must precede importing torch
+tune_host()  # as the yt8m command line does; must precede importing torch
 
 import torch  # noqa: E402
 

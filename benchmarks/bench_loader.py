@@ -4,9 +4,11 @@ is installed (it is not a dependency: `pip install tensorflow-cpu` to get the co
 
     python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 5]
 
-All pipelines run in this process with the host memory settings of the yt8m command line
-(`yt8m.host_memory`; YT8M_TUNE_MALLOC=0 turns them off). After a warm-up epoch each, they
-take turns, one epoch each per round, and the medians over `--epochs` rounds are reported.
+All pipelines run in this process with the host settings of the yt8m command line
+(`yt8m.host`; YT8M_TUNE_HOST=0 turns them off). After a warm-up epoch each, they
+take turns, one epoch each per round, and the medians over `--epochs` rounds are reported:
+videos per wall-clock second, and CPU milliseconds per video (this process's threads and its
+loader workers), the steadier figure on a shared machine whose cores come and go.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from yt8m.host_memory import tune_host_memory
+from yt8m.host import tune_host
 
-MALLOC_TUNED = tune_host_memory()  # as the yt8m command line does; must precede importing torch
+MALLOC_TUNED = tune_host()  # as the yt8m command line does; must precede importing torch
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -47,12 +50,18 @@ def write_shards(directory: Path, videos: int, shards: int, seed: int = 0) -> li
     return paths
 
 
-def epoch_rate(batches, touch) -> float:
-    """Videos/s of one pass over `batches`."""
-    start, videos = time.perf_counter(), 0
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished children (loader workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def epoch_rate(batches, touch) -> tuple[float, float]:
+    """(videos per wall-clock second, videos per CPU second) of one pass over `batches`."""
+    start, cpu_start, videos = time.perf_counter(), cpu_seconds(), 0
     for batch in batches:
         videos += touch(batch)
-    return videos / (time.perf_counter() - start)
+    return videos / (time.perf_counter() - start), videos / (cpu_seconds() - cpu_start)
 
 
 def yt8m_pipeline(paths: list[str], workers: int):
@@ -104,7 +113,8 @@ def main() -> None:
     parser.add_argument("--data", help="existing frame-level files (glob) instead of generated shards")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}, "
+          f"({torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"malloc tuned: {MALLOC_TUNED}); "
           f"batch {BATCH} x {MAX_FRAMES} frames -> float32")
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,14 +141,17 @@ def main() -> None:
                 rates[name].append(epoch_rate(batches, touch))
         width = max(map(len, rates))
         for name, values in rates.items():
-            print(f"{name:{width}s} {statistics.median(values):8.0f} videos/s  (epochs: "
-                  f"{', '.join(f'{v:.0f}' for v in values)})")
+            wall, cpu = zip(*values)
+            print(f"{name:{width}s} {statistics.median(wall):8.0f} videos/s, {1000 / statistics.median(cpu):6.3f} "
+                  f"CPU-ms/video  (epochs: {', '.join(f'{v:.0f}' for v in wall)} videos/s)")
         if tensorflow is not None:
             reference = rates["tf.data (AUTOTUNE parallel parse)"]
             for name, values in rates.items():
                 if name.startswith("yt8m"):
-                    ratios = [v / r for v, r in zip(values, reference)]
-                    print(f"{name} / tf.data: {statistics.median(ratios):5.2f}x (median of the rounds' ratios)")
+                    wall = [v[0] / r[0] for v, r in zip(values, reference)]
+                    cpu = [v[1] / r[1] for v, r in zip(values, reference)]
+                    print(f"{name} / tf.data: {statistics.median(wall):5.2f}x videos/s, {statistics.median(cpu):5.2f}x "
+                          "videos per CPU second (medians of the rounds' ratios)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Training examples/s of one model's step (forward, loss, backward, clip, Adam) on the device.
 
 The batches are uint8 frames already on the device, dequantized there as in training, so
-this is the model's own rate, without the loader (`bench_baselines.py` measures the whole
+this is the model's own rate, without the loader. Models that train on sampled frames (dbof:
+30) get that many; the others `--frames` (`bench_baselines.py` measures the whole
 loop, loader included). The 2019 3rd-place paper reports 400 examples/s for NeXtVLAD on
 two 2017 GPUs.
 
@@ -17,9 +18,9 @@ import platform
 import statistics
 import time
 
-from yt8m.host_memory import tune_host_memory
+from yt8m.host import tune_host
 
-tune_host_memory()  # as the yt8m command line does; must precede importing torch
+tune_host()  # as the yt8m command line does; must precede importing torch
 
 import torch  # noqa: E402
 
@@ -54,7 +55,8 @@ def bench(name: str, args, device: torch.device) -> dict:
                          batch_size=args.batch_size, precision=args.precision, compile=args.compile)
     forward = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    batches = synthetic_batches(4, args.batch_size, args.frames, args.classes, device)
+    frames = (model.train_sampling or {}).get("num_samples", args.frames)  # dbof trains on 30 sampled frames
+    batches = synthetic_batches(4, args.batch_size, frames, args.classes, device)
 
     def step(index: int) -> torch.Tensor:
         batch = prepare_batch(batches[index % len(batches)], device)
@@ -75,7 +77,7 @@ def bench(name: str, args, device: torch.device) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     parameters = sum(p.numel() for p in model.parameters())
-    return {"model": name, "params_m": parameters / 1e6, "examples_per_s": args.batch_size / statistics.median(times),
+    return {"model": name, "frames": frames, "params_m": parameters / 1e6, "examples_per_s": args.batch_size / statistics.median(times),
             "step_ms": 1000 * statistics.median(times), "peak_gib": peak, "loss": loss.item()}
 
 
@@ -95,10 +97,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), {os.cpu_count()} cores, torch {torch.__version__}; batch {args.batch_size} x "
           f"{args.frames} frames, {args.classes} classes, {args.precision}{', compiled' if args.compile else ''}")
-    print(f"{'model':16s} {'params':>8s} {'examples/s':>11s} {'step ms':>8s} {'peak GiB':>9s}")
+    print(f"{'model':16s} {'frames':>6s} {'params':>8s} {'examples/s':>11s} {'step ms':>8s} {'peak GiB':>9s}")
     for model in args.models:
         row = bench(model, args, device)
-        print(f"{row['model']:16s} {row['params_m']:7.1f}M {row['examples_per_s']:11.0f} {row['step_ms']:8.1f} "
+        print(f"{row['model']:16s} {row['frames']:6d} {row['params_m']:7.1f}M {row['examples_per_s']:11.0f} {row['step_ms']:8.1f} "
               f"{row['peak_gib']:9.2f}", flush=True)
 
 

@@ -7,11 +7,11 @@ import re
 import time
 from pathlib import Path
 
-from yt8m.host_memory import tune_host_memory
+from yt8m.host import tune_host
 
-# Reused heap memory and huge pages for the large CPU buffers of frame batches (see
-# yt8m.host_memory); the huge-page setting is read when torch starts, so this precedes torch.
-tune_host_memory()
+# Reused heap memory, huge pages and sleeping OpenMP threads for streaming frame batches (see
+# yt8m.host); read when torch and its OpenMP runtime start, so this precedes importing torch.
+tune_host()
 
 import click  # noqa: E402
 
