@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,10 @@ class Preset:
 
 
 def preset_dirs() -> list[Path]:
-    """Where presets are looked up: $YT8M_CONFIG_DIR (os.pathsep-separated), then the project's configs/."""
+    """Where presets are looked up: $YT8M_CONFIG_DIR (os.pathsep-separated), then the project's configs/
+    (a source checkout or an editable install), then `share/yt8m/configs` of an installed wheel."""
     dirs = [Path(p) for p in os.environ.get("YT8M_CONFIG_DIR", "").split(os.pathsep) if p]
-    return dirs + [Path(__file__).resolve().parents[3] / "configs"]
+    return dirs + [Path(__file__).resolve().parents[3] / "configs", Path(sys.prefix) / "share" / "yt8m" / "configs"]
 
 
 def load_preset(path: str | os.PathLike) -> Preset:
