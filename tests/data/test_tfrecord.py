@@ -64,3 +64,18 @@ def test_crc_mismatches(tmp_path):
     path.write_bytes(b"\x05" + good[1:])
     with pytest.raises(CorruptRecordError, match="length CRC"):
         list(read_records(path))
+
+
+def test_files_that_cannot_be_memory_mapped_are_read(tmp_path, monkeypatch):
+    import mmap
+
+    path = tmp_path / "train0000.tfrecord"
+    with TFRecordWriter(path) as writer:
+        for payload in (b"first", b"", b"third record"):
+            writer.write(payload)
+
+    def refuse(*args, **kwargs):
+        raise OSError("mmap not supported")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    assert [bytes(payload) for _, payload in read_records(path)] == [b"first", b"", b"third record"]

@@ -36,7 +36,10 @@ def read_records(path: str | os.PathLike, check_crc: bool = True) -> Iterator[tu
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return
-        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # lives while views of it do
+        try:
+            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # lives while views of it do
+        except (OSError, ValueError):  # a file system without mmap (some FUSE mounts): read the file
+            data = memoryview(f.read())
     offset = 0
     while offset < size:
         if size - offset < _HEADER.size:
