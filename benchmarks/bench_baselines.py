@@ -45,9 +45,9 @@ def corpus(directory: Path, videos: int, classes: int, seed: int):
 def run(model: str, files: dict, args, work: Path) -> dict:
     probe = load_level(model)
     config = TrainConfig(model=model, train_data=files[probe]["train"], output=str(work / model),
-                         num_classes=args.classes, epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,
-                         device=args.device, precision=args.precision, log_every=5, checkpoint_every=10**9,
-                         num_workers=args.workers, seed=args.seed)
+                         num_classes=args.classes, epochs=args.epochs, batch_size=args.batch_size,
+                         max_steps=args.max_steps, device=args.device, precision=args.precision, log_every=5,
+                         checkpoint_every=10**9, num_workers=args.workers, seed=args.seed)
     start = time.perf_counter()
     summary = train(config, progress=args.progress)
     seconds = time.perf_counter() - start

@@ -77,8 +77,9 @@ def bench(name: str, args, device: torch.device) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     parameters = sum(p.numel() for p in model.parameters())
-    return {"model": name, "frames": frames, "params_m": parameters / 1e6, "examples_per_s": args.batch_size / statistics.median(times),
-            "step_ms": 1000 * statistics.median(times), "peak_gib": peak, "loss": loss.item()}
+    step_s = statistics.median(times)
+    return {"model": name, "frames": frames, "params_m": parameters / 1e6, "examples_per_s": args.batch_size / step_s,
+            "step_ms": 1000 * step_s, "peak_gib": peak, "loss": loss.item()}
 
 
 def main() -> None:

@@ -143,15 +143,15 @@ class YT8MDataset(IterableDataset):
         length = self.max_frames if self.sampling == "all" else self.num_samples
         in_worker = get_worker_info() is not None  # shared memory comes zero-filled from the kernel
         frames = {key: _uint8_buffer((size, length, dim), shared=in_worker) for key, dim in FRAME_DIMS.items()}
+        views = {key: out.numpy() for key, out in frames.items()}  # [B, T, D], sharing the tensors' memory
         num_frames = np.zeros(size, np.int64)
         for i, example in enumerate(examples):
             index = self._frame_index(example["rgb"].shape[0], length, rng)
             count = num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
-            for key, out in frames.items():
-                rows = out.numpy()[i]
-                rows[:count] = example[key][index]
+            for key, out in views.items():
+                out[i, :count] = example[key][index]
                 if not in_worker:
-                    rows[count:] = 0
+                    out[i, count:] = 0
         batch.update(frames)
         batch["num_frames"] = torch.from_numpy(num_frames)
         if self.level == "segment":

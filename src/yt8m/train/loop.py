@@ -49,14 +49,14 @@ def clip_gradients(model: nn.Module, mode: str, max_norm: float) -> torch.Tensor
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch.stack(torch._foreach_norm([g.detach() for g in grads])).float()  # [P], a few kernels in all
+    norms = torch.stack(torch._foreach_norm(grads)).float()  # [P], a few kernels in all
+    total = torch.linalg.vector_norm(norms)
     if mode == "per_parameter":  # as the starter code: each variable's gradient clipped on its own
         scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, [scale.to(grad.dtype) for grad, scale in zip(grads, scales.unbind())])
     elif mode == "global":
-        scale = (max_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, scale)
-    return torch.linalg.vector_norm(norms)
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
 
 
 def forward_backward(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
