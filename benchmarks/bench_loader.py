@@ -4,20 +4,24 @@ is installed (it is not a dependency: `pip install tensorflow-cpu` to get the co
 
     python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 5]
 
-All pipelines run in this process with the host settings of the yt8m command line
-(`yt8m.host`; YT8M_TUNE_HOST=0 turns them off). After a warm-up epoch each, they
-take turns, one epoch each per round, and the medians over `--epochs` rounds are reported:
-videos per wall-clock second, and CPU milliseconds per video (this process's threads and its
-loader workers), the steadier figure on a shared machine whose cores come and go.
+Each pipeline runs in a process of its own (so that one's threads, allocator and CPU clock
+do not touch another's), with the host settings of the yt8m command line (`yt8m.host`;
+YT8M_TUNE_HOST=0 turns them off). After `--warmup` epochs each, the processes take turns, one
+epoch each per round, while the others wait idle, and the medians over `--epochs` rounds are
+reported: videos per wall-clock second, and CPU milliseconds per video (the process's threads
+and its loader workers), the steadier figure on a shared machine whose cores come and go.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,19 +108,50 @@ def tensorflow_pipeline(paths: list[str]):
     return dataset, lambda batch: int(batch["rgb"].shape[0])
 
 
+TENSORFLOW = "tf.data (AUTOTUNE parallel parse)"
+
+
+def pipeline_name(workers: int) -> str:
+    return f"yt8m make_loader, {workers} worker(s)"
+
+
+def serve(name: str, paths: list[str], warmup: int) -> None:
+    """One pipeline's process: warm up, then run one timed epoch per line read from stdin."""
+    if name == TENSORFLOW:
+        made = tensorflow_pipeline(paths)
+        if made is None:
+            print(json.dumps({"missing": True}), flush=True)
+            return
+    else:
+        made = yt8m_pipeline(paths, int(name.split(", ")[1].split()[0]))
+    batches, touch = made
+    for _ in range(warmup):  # page cache, allocator, worker start, graph tracing
+        epoch_rate(batches, touch)
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(epoch_rate(batches, touch)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5, help="timed rounds (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed epochs per pipeline before the rounds")
+    parser.add_argument("--no-tensorflow", action="store_true", help="leave tf.data out even when installed")
     parser.add_argument("--data", help="existing frame-level files (glob) instead of generated shards")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one pipeline's process
+    parser.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.paths, args.warmup)
+        return
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"malloc tuned: {MALLOC_TUNED}); "
-          f"batch {BATCH} x {MAX_FRAMES} frames -> float32")
+          f"batch {BATCH} x {MAX_FRAMES} frames -> float32; one process per pipeline")
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
             from yt8m.data import expand_paths
@@ -124,30 +159,45 @@ def main() -> None:
         else:
             paths = write_shards(Path(tmp), args.videos, args.shards)
         size = sum(os.path.getsize(p) for p in paths) / 2**20
-        print(f"data: {len(paths)} shards, {size:.0f} MiB")
-        pipelines = {f"yt8m make_loader, {workers} worker(s)": yt8m_pipeline(paths, workers) for workers in args.workers}
-        tensorflow = tensorflow_pipeline(paths)
-        if tensorflow is None:
-            print("tf.data: TensorFlow not installed, comparison skipped")
-        else:
-            pipelines["tf.data (AUTOTUNE parallel parse)"] = tensorflow
-        for batches, touch in pipelines.values():  # warm-up: page cache, worker start, graph tracing
-            epoch_rate(batches, touch)
+        print(f"data: {len(paths)} shards, {size:.0f} MiB", flush=True)
+        names = [pipeline_name(workers) for workers in args.workers]
+        if not args.no_tensorflow:
+            names.append(TENSORFLOW)
+        servers = {}
+        for name in names:  # started one after another, so that warm-ups do not overlap
+            # TensorFlow runs as its users run it: glibc's default malloc (yt8m's settings slow it).
+            env = dict(os.environ, YT8M_TUNE_HOST="0") if name == TENSORFLOW else None
+            server = subprocess.Popen(
+                [sys.executable, __file__, "--serve", name, "--warmup", str(args.warmup), "--paths", *paths],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            reply = json.loads(server.stdout.readline() or '{"missing": true}')
+            if reply.get("missing"):
+                print("tf.data: TensorFlow not installed, comparison skipped")
+                server.wait()
+                continue
+            servers[name] = server
         # Rounds of one epoch per pipeline, interleaved, so that a slow spell of a shared machine
         # falls on every pipeline rather than on one.
-        rates = {name: [] for name in pipelines}
-        for _ in range(args.epochs):
-            for name, (batches, touch) in pipelines.items():
-                rates[name].append(epoch_rate(batches, touch))
+        rates = {name: [] for name in servers}
+        try:
+            for _ in range(args.epochs):
+                for name, server in servers.items():
+                    server.stdin.write("go\n")
+                    server.stdin.flush()
+                    rates[name].append(tuple(json.loads(server.stdout.readline())))
+        finally:
+            for server in servers.values():
+                server.stdin.close()
+                server.wait()
         width = max(map(len, rates))
         for name, values in rates.items():
             wall, cpu = zip(*values)
             print(f"{name:{width}s} {statistics.median(wall):8.0f} videos/s, {1000 / statistics.median(cpu):6.3f} "
                   f"CPU-ms/video  (epochs: {', '.join(f'{v:.0f}' for v in wall)} videos/s)")
-        if tensorflow is not None:
-            reference = rates["tf.data (AUTOTUNE parallel parse)"]
+        if TENSORFLOW in rates:
+            reference = rates[TENSORFLOW]
             for name, values in rates.items():
-                if name.startswith("yt8m"):
+                if name != TENSORFLOW:
                     wall = [v[0] / r[0] for v, r in zip(values, reference)]
                     cpu = [v[1] / r[1] for v, r in zip(values, reference)]
                     print(f"{name} / tf.data: {statistics.median(wall):5.2f}x videos/s, {statistics.median(cpu):5.2f}x "

@@ -134,6 +134,35 @@ def test_unpacked_lists_and_non_canonical_frame_framing_are_read():
     np.testing.assert_array_equal(decode_record(payload, "frame")["audio"], frames)
 
 
+
+def test_map_entries_in_unusual_layouts_are_read():
+    # value before key, a key of 200 bytes (two-byte length), an entry without a key: the general path
+    def entry(*fields):
+        return wire._len_field(1, b"".join(fields))
+
+    feature = wire.bytes_feature([b"v"])
+    long_key = "k" * 200
+    features = (entry(wire._len_field(2, feature), wire._len_field(1, b"id"))
+                + entry(wire._len_field(1, long_key.encode()), wire._len_field(2, feature))
+                + entry(wire._len_field(2, feature)))
+    spans = wire.decode_example(wire._len_field(1, features))
+    assert set(spans) == {"id", long_key, ""}
+    payload = wire._len_field(1, features)
+    assert all(wire.decode_feature(payload, span) == ("bytes", [b"v"]) for span in spans.values())
+
+
+def test_a_frame_with_other_framing_of_the_same_size_is_not_read_as_bytes():
+    # frame 1 is a float list whose framing has the length of a bytes frame's: the fixed-stride
+    # path must see that its framing bytes differ and leave it to the per-frame decoder
+    frames = np.arange(3 * 128, dtype=np.uint8).reshape(3, 128)
+    floats = b"\x0a" + b"\x86\x01" + b"\x12" + b"\x83\x01" + b"\x0a" + b"\x80\x01" + frames[1].tobytes()
+    audio = wire.encode_frames(frames[:1]) + floats + wire.encode_frames(frames[2:])
+    assert len(audio) == len(wire.encode_frames(frames))
+    rgb = wire.encode_frames(np.zeros((3, 1024), np.uint8))
+    payload = wire.encode_sequence_example({"id": wire.bytes_feature([b"x"])}, {"rgb": rgb, "audio": audio})
+    with pytest.raises(DecodeError, match="frame 1: expected one bytes value, found float"):
+        decode_record(payload, "frame")
+
 frame_examples = st.builds(
     lambda video_id, labels, num_frames, seed: {
         "id": video_id,

@@ -27,6 +27,7 @@ Span = tuple[int, int]
 
 _WT_VARINT, _WT_FIXED64, _WT_LEN, _WT_FIXED32 = 0, 1, 2, 5
 _TAG_1_LEN = 0x0A  # field 1, length-delimited
+_TAG_2_LEN = 0x12  # field 2, length-delimited
 _KIND_BY_FIELD = {1: "bytes", 2: "float", 3: "int64"}
 
 
@@ -88,7 +89,33 @@ def iter_fields(buf: bytes, start: int, end: int):
 
 
 def _map_entries(buf: bytes, span: Span) -> dict[str, Span]:
-    """Decode `map<string, Message> = 1` into key -> span of the value message."""
+    """Decode `map<string, Message> = 1` into key -> span of the value message.
+
+    Entries laid out as every serializer writes them (`1: key`, then `2: value`, short key) take
+    an inline path; anything else goes through the general field walk.
+    """
+    start, end = span
+    entries: dict[str, Span] = {}
+    pos = start
+    while pos < end:
+        if buf[pos] != _TAG_1_LEN:
+            return _map_entries_general(buf, span)
+        length, pos = read_varint(buf, pos + 1, end)
+        entry_end = pos + length
+        if entry_end > end or pos + 2 > entry_end or buf[pos] != _TAG_1_LEN or buf[pos + 1] >= 0x80:
+            return _map_entries_general(buf, span)
+        key_end = pos + 2 + buf[pos + 1]
+        if key_end >= entry_end or buf[key_end] != _TAG_2_LEN:
+            return _map_entries_general(buf, span)
+        value_length, value_start = read_varint(buf, key_end + 1, entry_end)
+        if value_start + value_length != entry_end:
+            return _map_entries_general(buf, span)
+        entries[str(buf[pos + 2:key_end], "utf-8", "replace")] = (value_start, entry_end)
+        pos = entry_end
+    return entries
+
+
+def _map_entries_general(buf: bytes, span: Span) -> dict[str, Span]:
     entries: dict[str, Span] = {}
     for field, wire_type, entry in iter_fields(buf, *span):
         if field != 1:
@@ -198,9 +225,11 @@ def decode_frames(buf: bytes, span: Span, dim: int) -> np.ndarray:
         header, stride = pos - start, ends[0] - start
         single_value = ends[0] == ends[1] == ends[2] and ends[2] - pos == dim
         if single_value and (end - start) % stride == 0:
-            rows = np.frombuffer(buf, np.uint8, count=end - start, offset=start).reshape(-1, stride)
-            if (rows[:, :header] == rows[0, :header]).all():
-                return rows[:, header:]
+            count = (end - start) // stride
+            # Every frame's framing bytes must equal the first one's: one strided gather, one compare.
+            framing = np.ndarray((count,), f"V{header}", buf, start, (stride,))
+            if framing.tobytes() == framing[:1].tobytes() * count:
+                return np.ndarray((count, dim), np.uint8, buf, start + header, (stride, 1))
     return _decode_frames_slow(buf, span, dim)
 
 
