@@ -294,7 +294,8 @@ def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = 
     """Moves a batch to `device` and dequantizes uint8 frames there to float32.
 
     Padding frames (at and after `num_frames`, zero bytes in the batches of `make_loader`)
-    become exact zeros, as in the starter code.
+    become exact zeros, as in the starter code. Real frames take one fused multiply-add, so
+    they may differ from `dequantize` (a multiply, then an add) in the last bit.
     """
     device = torch.device(device)
     out = {key: value.to(device, non_blocking=non_blocking)
@@ -309,7 +310,7 @@ def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = 
                 continue
             steps = frames.shape[1]
             if steps not in biases:
-                biases[steps] = _padding_bias(batch["num_frames"], out["num_frames"], steps)
+                biases[steps] = _padding_bias(out["num_frames"], steps)
             # q * scale + bias on real frames, 0 on (zero) padding, in two passes over one float
             # buffer: the conversion, then a fused multiply-add in place. (A mixed-dtype add would
             # convert into a temporary buffer first: a third pass and a second allocation.)
@@ -318,12 +319,12 @@ def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = 
     return out
 
 
-def _padding_bias(num_frames: torch.Tensor, on_device: torch.Tensor, steps: int) -> torch.Tensor:
-    """[B, steps, 1] float32: the dequantization bias on real frames, 0 on padding frames."""
-    if on_device.device.type == "cpu":  # NumPy on these few values: no torch call gives up the GIL
+def _padding_bias(num_frames: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B, steps, 1] float32 on num_frames' device: the dequantization bias on real frames, 0 on padding."""
+    if num_frames.device.type == "cpu":  # NumPy on these few values: no torch call that gives up the GIL
         real = np.arange(steps) < num_frames.numpy()[:, None]
         return torch.from_numpy(np.where(real, np.float32(DEQUANT_BIAS), np.float32(0))[:, :, None])
-    real = torch.arange(steps, device=on_device.device) < on_device[:, None]
+    real = torch.arange(steps, device=num_frames.device) < num_frames[:, None]
     return real.unsqueeze(-1).to(torch.float32) * DEQUANT_BIAS
 
 
