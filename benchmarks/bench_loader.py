@@ -170,8 +170,10 @@ def main() -> None:
             server = subprocess.Popen(
                 [sys.executable, __file__, "--serve", name, "--warmup", str(args.warmup), "--paths", *paths],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-            reply = json.loads(server.stdout.readline() or '{"missing": true}')
-            if reply.get("missing"):
+            line = server.stdout.readline()
+            if not line:  # it died while warming up (its error went to stderr)
+                raise SystemExit(f"{name}: benchmark process exited with code {server.wait()}")
+            if json.loads(line).get("missing"):
                 print("tf.data: TensorFlow not installed, comparison skipped")
                 server.wait()
                 continue
