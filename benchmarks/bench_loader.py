@@ -108,22 +108,19 @@ def tensorflow_pipeline(paths: list[str]):
     return dataset, lambda batch: int(batch["rgb"].shape[0])
 
 
-TENSORFLOW = "tf.data (AUTOTUNE parallel parse)"
+TENSORFLOW = "tensorflow"  # the other pipelines are named by their number of loader workers
 
 
-def pipeline_name(workers: int) -> str:
-    return f"yt8m make_loader, {workers} worker(s)"
+def pipeline_name(spec: str) -> str:
+    return "tf.data (AUTOTUNE parallel parse)" if spec == TENSORFLOW else f"yt8m make_loader, {spec} worker(s)"
 
 
-def serve(name: str, paths: list[str], warmup: int) -> None:
+def serve(spec: str, paths: list[str], warmup: int) -> None:
     """One pipeline's process: warm up, then run one timed epoch per line read from stdin."""
-    if name == TENSORFLOW:
-        made = tensorflow_pipeline(paths)
-        if made is None:
-            print(json.dumps({"missing": True}), flush=True)
-            return
-    else:
-        made = yt8m_pipeline(paths, int(name.split(", ")[1].split()[0]))
+    made = tensorflow_pipeline(paths) if spec == TENSORFLOW else yt8m_pipeline(paths, int(spec))
+    if made is None:
+        print(json.dumps({"missing": True}), flush=True)
+        return
     batches, touch = made
     for _ in range(warmup):  # page cache, allocator, worker start, graph tracing
         epoch_rate(batches, touch)
@@ -160,15 +157,14 @@ def main() -> None:
             paths = write_shards(Path(tmp), args.videos, args.shards)
         size = sum(os.path.getsize(p) for p in paths) / 2**20
         print(f"data: {len(paths)} shards, {size:.0f} MiB", flush=True)
-        names = [pipeline_name(workers) for workers in args.workers]
-        if not args.no_tensorflow:
-            names.append(TENSORFLOW)
+        specs = [str(workers) for workers in args.workers] + ([] if args.no_tensorflow else [TENSORFLOW])
         servers = {}
-        for name in names:  # started one after another, so that warm-ups do not overlap
+        for spec in specs:  # started one after another, so that warm-ups do not overlap
+            name = pipeline_name(spec)
             # TensorFlow runs as its users run it: glibc's default malloc (yt8m's settings slow it).
-            env = dict(os.environ, YT8M_TUNE_HOST="0") if name == TENSORFLOW else None
+            env = dict(os.environ, YT8M_TUNE_HOST="0") if spec == TENSORFLOW else None
             server = subprocess.Popen(
-                [sys.executable, __file__, "--serve", name, "--warmup", str(args.warmup), "--paths", *paths],
+                [sys.executable, __file__, "--serve", spec, "--warmup", str(args.warmup), "--paths", *paths],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             line = server.stdout.readline()
             if not line:  # it died while warming up (its error went to stderr)
@@ -196,10 +192,10 @@ def main() -> None:
             wall, cpu = zip(*values)
             print(f"{name:{width}s} {statistics.median(wall):8.0f} videos/s, {1000 / statistics.median(cpu):6.3f} "
                   f"CPU-ms/video  (epochs: {', '.join(f'{v:.0f}' for v in wall)} videos/s)")
-        if TENSORFLOW in rates:
-            reference = rates[TENSORFLOW]
+        reference = rates.get(pipeline_name(TENSORFLOW))
+        if reference is not None:
             for name, values in rates.items():
-                if name != TENSORFLOW:
+                if values is not reference:
                     wall = [v[0] / r[0] for v, r in zip(values, reference)]
                     cpu = [v[1] / r[1] for v, r in zip(values, reference)]
                     print(f"{name} / tf.data: {statistics.median(wall):5.2f}x videos/s, {statistics.median(cpu):5.2f}x "
