@@ -128,3 +128,25 @@ def test_bad_arguments(shards):
         make_loader(pattern, on_error="ignore")
     with pytest.raises(FileNotFoundError):
         make_loader(pattern + "x")
+
+
+@pytest.fixture
+def uneven_shards(tmp_path, rng):
+    """Video-level shards of 3, 8 and 13 records."""
+    for shard, count in enumerate((3, 8, 13)):
+        write_examples(tmp_path / f"train{shard:04d}.tfrecord",
+                       [{"id": f"s{shard}v{i}", "labels": np.array([i % 3]), "mean_rgb": np.zeros(1024, np.float32),
+                         "mean_audio": np.zeros(128, np.float32)} for i in range(count)], "video")
+    return str(tmp_path / "train*.tfrecord")
+
+
+@pytest.mark.parametrize("world_size,rank,num_workers,batch_size,drop_last", [
+    (1, 0, 0, 4, False), (1, 0, 2, 3, True), (2, 1, 0, 2, False), (2, 0, 2, 5, True),
+    (3, 2, 1, 4, False), (5, 4, 0, 3, False), (4, 1, 2, 2, True), (8, 6, 0, 1, False),
+])
+def test_num_batches_is_what_an_epoch_yields(uneven_shards, world_size, rank, num_workers, batch_size, drop_last):
+    loader = make_loader(uneven_shards, level="video", batch_size=batch_size, num_classes=3, shuffle=True,
+                         num_workers=num_workers, rank=rank, world_size=world_size, drop_last=drop_last)
+    for _ in range(3):  # the shuffle gives each reader other files every epoch
+        expected = loader.num_batches()
+        assert len(list(loader)) == expected

@@ -10,6 +10,7 @@ from yt8m.data import CorruptRecordError, decode_record, dequantize, encode_reco
 from yt8m.data import wire
 from yt8m.data.errors import DecodeError
 from yt8m.data.tf_example_proto import message_classes
+from yt8m.data.tfrecord import TFRecordWriter
 
 
 def video_example(rng, video_id="vid1", labels=(4, 7)):
@@ -244,8 +245,8 @@ def test_corrupt_files_raise_with_location_or_skip_with_one_warning(tmp_path, rn
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ids = [e["id"] for e in iter_examples(path, "frame", on_error="skip")]
-    # a CRC error loses the rest of that file (framing cannot be trusted after it)
-    assert ids == ["g0"]
+    # a payload CRC error under an intact length header loses that record only
+    assert ids == ["g0", "g2"]
     assert len(caught) == 1 and "skipped 1 corrupt record" in str(caught[0].message)
 
     wrong_kind = tmp_path / "wrong.tfrecord"
@@ -254,4 +255,27 @@ def test_corrupt_files_raise_with_location_or_skip_with_one_warning(tmp_path, rn
         list(iter_examples(wrong_kind, "frame"))
     with pytest.warns(UserWarning, match="skipped 2 corrupt record"):
         ids = [e["id"] for e in iter_examples([wrong_kind, path], "frame", on_error="skip")]
-    assert ids == ["g0"]
+    assert ids == ["g0", "g2"]
+
+
+def test_a_varint_at_or_above_2_64_is_a_corrupt_record_with_file_and_offset(tmp_path, rng):
+    def video(labels: bytes) -> bytes:
+        return wire.encode_example({"id": wire.bytes_feature([b"v"]), "labels": wire._len_field(3, wire._len_field(1, labels)),
+                                    "mean_rgb": wire.float_feature(np.zeros(1024)),
+                                    "mean_audio": wire.float_feature(np.zeros(128))})
+
+    largest = bytes([0xFF] * 9 + [0x01])  # 2^64 - 1, which is -1 as an int64
+    assert decode_record(video(largest), "video")["labels"].tolist() == [-1]
+    too_large = bytes([0xFF] * 9 + [0x02])  # protobuf keeps the low 64 bits: 2^63 - 1
+    with pytest.raises(DecodeError, match="varint at or above 2\\^64"):
+        decode_record(video(too_large), "video")
+    path = tmp_path / "v.tfrecord"
+    good = encode_record(video_example(rng), "video")
+    with TFRecordWriter(path) as writer:
+        for payload in (good, video(b"\x05" + too_large), good):
+            writer.write(payload)
+    with pytest.raises(CorruptRecordError, match="varint at or above 2\\^64") as info:
+        list(iter_examples(path, "video"))
+    assert info.value.path == str(path) and info.value.offset == len(good) + 16
+    with pytest.warns(UserWarning, match="skipped 1 record"):
+        assert len(list(iter_examples(path, "video", on_error="skip"))) == 2

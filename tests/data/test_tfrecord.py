@@ -1,10 +1,13 @@
+import os
 import struct
 
 import crc32c
+import numpy as np
 import pytest
 
+from yt8m.data import count_records
 from yt8m.data.errors import CorruptRecordError
-from yt8m.data.tfrecord import TFRecordWriter, frame_record, masked_crc, read_records
+from yt8m.data.tfrecord import TFRecordWriter, _count_records, _masked_crcs, frame_record, masked_crc, read_records
 
 
 def test_masked_crc_matches_tensorflow_definition():
@@ -79,3 +82,48 @@ def test_files_that_cannot_be_memory_mapped_are_read(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mmap, "mmap", refuse)
     assert [bytes(payload) for _, payload in read_records(path)] == [b"first", b"", b"third record"]
+
+
+def test_vectorised_header_crcs_agree_with_masked_crc():
+    data = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
+    starts = np.arange(0, 4096 - 8, 7)
+    assert _masked_crcs(data, starts).tolist() == [masked_crc(data[s:s + 8].tobytes()) for s in starts]
+
+
+def test_count_records_reads_headers_only_and_caches(tmp_path):
+    path = tmp_path / "a.tfrecord"
+    path.write_bytes(b"")
+    assert count_records(path) == 0
+    records = [frame_record(bytes([i]) * i * 100) for i in range(5)]
+    records[2] = records[2][:-1] + bytes([records[2][-1] ^ 1])  # a payload CRC is not read
+    path.write_bytes(b"".join(records))
+    assert count_records(path) == 5
+    hits = _count_records.cache_info().hits
+    assert count_records(str(path)) == 5 and _count_records.cache_info().hits == hits + 1
+    path.write_bytes(b"".join(records[:3]))  # another size: counted again
+    assert count_records(path) == 3
+
+
+@pytest.mark.parametrize("damage,reason", [(lambda r: r[:-3], "truncated record"),
+                                           (lambda r: r + b"\x00" * 7, "truncated record header"),
+                                           (lambda r: r[:30] + b"\xff" + r[31:], "length CRC mismatch")])
+def test_count_records_refuses_framing_that_does_not_add_up(tmp_path, damage, reason):
+    path = tmp_path / "a.tfrecord"
+    good = frame_record(b"x" * 10)  # 26 bytes
+    path.write_bytes(damage(good + good))
+    with pytest.raises(CorruptRecordError, match=reason) as info:
+        count_records(path)
+    assert info.value.path == os.path.realpath(path)
+    assert info.value.offset == (52 if "header" in reason else 26)
+
+
+def test_skipping_reader_reports_each_loss_and_goes_on(tmp_path):
+    path = tmp_path / "a.tfrecord"
+    records = [frame_record(bytes([i]) * 50) for i in range(6)]
+    bad_payload = records[1][:20] + b"?" + records[1][21:]
+    bad_length = records[3][:2] + b"?" + records[3][3:]
+    path.write_bytes(b"".join([records[0], bad_payload, records[2], bad_length, b"junk", records[4], records[5]]))
+    lost = []
+    read = list(read_records(path, on_corrupt=lambda error, size, framing: lost.append((error.offset, size, framing))))
+    assert [bytes(payload)[:1] for _, payload in read] == [b"\x00", b"\x02", b"\x04", b"\x05"]
+    assert lost == [(66, 66, False), (198, 70, True)]

@@ -15,6 +15,7 @@ from yt8m.data.records import (
     quantize,
     write_examples,
 )
+from yt8m.data.tfrecord import count_records
 
 __all__ = [
     "AUDIO_DIM",
@@ -26,6 +27,7 @@ __all__ = [
     "YT8MLoader",
     "make_loader",
     "prepare_batch",
+    "count_records",
     "decode_record",
     "dequantize",
     "encode_record",

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from yt8m.data.errors import CorruptRecordError
 from yt8m.data.records import (
     AUDIO_DIM,
     FRAME_DIMS,
@@ -30,10 +29,12 @@ from yt8m.data.records import (
     SEGMENT_KEYS,
     ErrorPolicy,
     PathArg,
+    ReadStats,
     dequantize,
     expand_paths,
     iter_records,
 )
+from yt8m.data.tfrecord import count_records
 
 SAMPLINGS = ("all", "random", "subsequence")
 
@@ -85,48 +86,60 @@ class YT8MDataset(IterableDataset):
         """Changes the shuffle order (the same on every rank and worker for a given epoch)."""
         self.epoch = epoch
 
-    def assignment(self, consumer: int, num_consumers: int) -> list[tuple[str, tuple[int, int]]]:
-        """The (file, (m, r)) pairs read by one of `num_consumers` readers: records r mod m of each file."""
+    def assignment(self, consumer: int, num_consumers: int,
+                   epoch: int | None = None) -> list[tuple[str, tuple[int, int]]]:
+        """The (file, (m, r)) pairs read by one of `num_consumers` readers in `epoch` (default: the
+        current one): records r mod m of each file."""
         files = list(self.files)
         if self.shuffle:
-            random.Random(f"{self.seed}-{self.epoch}").shuffle(files)
+            random.Random(f"{self.seed}-{self.epoch if epoch is None else epoch}").shuffle(files)
         if len(files) >= num_consumers:
             return [(path, (1, 0)) for path in files[consumer::num_consumers]]
         index = consumer % len(files)
         sharers = len(range(index, num_consumers, len(files)))
         return [(files[index], (sharers, consumer // len(files)))]
 
+    def num_batches(self, num_workers: int = 0, epoch: int | None = None) -> int:
+        """The number of batches this rank's readers (`num_workers` DataLoader workers, or the
+        process itself) yield in `epoch` (default: the current one), from the shards' record counts.
+
+        Exact unless records are skipped as corrupt; raises CorruptRecordError if a shard's
+        framing does not add up (see `count_records`).
+        """
+        readers = max(1, num_workers)
+        total = 0
+        for reader in range(readers):
+            assignment = self.assignment(self.rank * readers + reader, self.world_size * readers, epoch)
+            records = sum(len(range(r, count_records(path), m)) for path, (m, r) in assignment)
+            total += records // self.batch_size if self.drop_last else -(-records // self.batch_size)
+        return total
+
     def __iter__(self) -> Iterator[dict]:
+        """The batches; skipped records are reported in one warning when the iteration ends or is closed."""
+        return _delivered(self.stream(), ReadStats())
+
+    def stream(self) -> Iterator[tuple[dict | None, ReadStats]]:
+        """`(batch, statistics since the previous item)` pairs, then `(None, the rest)`, so that
+        the counts of worker processes reach the main process with the batches."""
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         consumer = self.rank * num_workers + worker_id
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
         policy = ErrorPolicy(self.on_error)
-        records = self._records(self.assignment(consumer, self.world_size * num_workers), policy)
+        records = (example for path, every in self.assignment(consumer, self.world_size * num_workers)
+                   for _, _, example in iter_records([path], self.level, policy, copy=False, check_crc=self.check_crc,
+                                                     every=every, num_classes=self.num_classes))
         if self.shuffle:
             records = _buffer_shuffle(records, self.shuffle_buffer, rng)
         batch: list[dict] = []
         for example in records:
             batch.append(example)
             if len(batch) == self.batch_size:
-                yield self.collate(batch, rng)
+                yield self.collate(batch, rng), policy.take(len(batch))
                 batch = []
         if batch and not self.drop_last:
-            yield self.collate(batch, rng)
-        policy.warn()
-
-    def _records(self, assignment, policy: ErrorPolicy) -> Iterator[dict]:
-        for path, every in assignment:
-            for _, offset, example in iter_records([path], self.level, policy, copy=False,
-                                                   check_crc=self.check_crc, every=every):
-                labels = example["labels"].tolist()  # a few values: cheaper as Python ints than NumPy reductions
-                if labels and (min(labels) < 0 or max(labels) >= self.num_classes):
-                    bad = [label for label in labels if not 0 <= label < self.num_classes]
-                    policy.handle(CorruptRecordError(
-                        path, offset, f"label(s) {bad} outside [0, {self.num_classes}): "
-                                      "is num_classes right for this data?"))
-                    continue
-                yield example
+            yield self.collate(batch, rng), policy.take(len(batch))
+        yield None, policy.take()
 
     def collate(self, examples: list[dict], rng: np.random.Generator) -> dict:
         """A list of decoded records -> one batch (uint8 frames zero padded to a fixed length)."""
@@ -192,6 +205,31 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
+def _delivered(items: Iterator[tuple[dict | None, ReadStats]], stats: ReadStats) -> Iterator[dict]:
+    """The batches of `YT8MDataset.stream()` items, their statistics merged into `stats`.
+
+    When the iteration ends, or the consumer stops early (the generator is closed), skipped
+    records are reported in one warning attributed to the code iterating.
+    """
+    try:
+        for batch, delta in items:
+            stats.merge(delta)
+            if batch is not None:
+                yield batch
+    finally:
+        stats.warn(stacklevel=2)
+
+
+class _Stream(IterableDataset):
+    """A dataset's `stream()` as an IterableDataset, for the DataLoader of `YT8MLoader`."""
+
+    def __init__(self, dataset: YT8MDataset):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[tuple[dict | None, ReadStats]]:
+        return self.dataset.stream()
+
+
 class YT8MLoader:
     """A re-iterable loader over a `YT8MDataset`; each pass over it is one epoch."""
 
@@ -199,9 +237,11 @@ class YT8MLoader:
                  prefetch_factor: int | None = None, persistent_workers: bool = False, prefetch_thread: bool = True):
         self.dataset = dataset
         self.epoch = 0
+        self.num_workers = num_workers
         self.prefetch_thread = prefetch_thread and num_workers == 0
+        self._stats = ReadStats()
         self._loader = DataLoader(
-            dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+            _Stream(dataset), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=persistent_workers and num_workers > 0,
         )
@@ -209,12 +249,27 @@ class YT8MLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def num_batches(self) -> int:
+        """The number of batches the next pass yields on this rank: a progress bar's total (see
+        `YT8MDataset.num_batches`)."""
+        return self.dataset.num_batches(self.num_workers, self.epoch)
+
+    def stats(self) -> dict:
+        """What the current (or last) pass read, summed over the worker processes and threads.
+
+        `records`: records in the batches received so far; `skipped` and `bytes_lost`: lost to
+        corrupt records (with `on_error="skip"`); `files`: {path: {skipped, framing_errors,
+        bytes_lost, first_error}} for each file that lost records. A framing error counts as one
+        record skipped, though the bytes skipped to resynchronise may have held none or several.
+        """
+        return self._stats.as_dict()
+
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.epoch)
         self.epoch += 1
-        if self.prefetch_thread:
-            return _in_thread(iter(self._loader), depth=2)
-        return iter(self._loader)
+        self._stats = ReadStats()
+        items = iter(self._loader)
+        return _delivered(_in_thread(items, depth=2) if self.prefetch_thread else items, self._stats)
 
 
 def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
@@ -282,7 +337,10 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     initialised) and DataLoader worker. With `shuffle`, the file order changes every epoch
     and records pass through a buffer of `shuffle_buffer` records. With `num_workers=0`, batches
     are made in a background thread (`prefetch_thread`) two ahead of the consumer. Dequantize
-    on the device: `prepare_batch(batch, device)`.
+    on the device: `prepare_batch(batch, device)`. A corrupt record (or one with a label outside
+    [0, num_classes)) raises CorruptRecordError, or with `on_error="skip"` is skipped, counted in
+    `loader.stats()` and reported in one warning per pass. `loader.num_batches()` is the length of
+    the next pass.
     """
     dataset = YT8MDataset(paths, level, batch_size, max_frames, sampling, num_samples, num_classes, shuffle,
                           shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size)

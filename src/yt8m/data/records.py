@@ -7,6 +7,7 @@ import itertools
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from yt8m.data import wire
 from yt8m.data.errors import CorruptRecordError, DecodeError
-from yt8m.data.tfrecord import TFRecordWriter, read_records
+from yt8m.data.tfrecord import RECORD_OVERHEAD, TFRecordWriter, read_records
 
 RGB_DIM = 1024
 AUDIO_DIM = 128
@@ -148,55 +149,150 @@ def decode_record(payload: bytes, level: str, copy: bool = True) -> dict:
     return example
 
 
+@dataclass
+class FileLoss:
+    """What one file lost to corrupt records when they were skipped."""
+
+    records: int = 0  # records skipped, each framing error counted as one
+    framing_errors: int = 0  # of those, the spans skipped to resynchronise: they may have held none or several
+    bytes: int = 0  # exact
+    first: CorruptRecordError | None = None
+
+    def describe(self, path: str) -> str:
+        text = f"{path}: skipped {self.records} record(s) ({self.bytes} bytes)"
+        if self.framing_errors:
+            text += (f", of which {self.framing_errors} framing error(s), each counted as one record though "
+                     "the bytes skipped to resynchronise may have held none or several")
+        return f"{text}; the first error: {self.first}"
+
+    def merge(self, other: FileLoss) -> None:
+        self.records += other.records
+        self.framing_errors += other.framing_errors
+        self.bytes += other.bytes
+        self.first = self.first or other.first
+
+
+@dataclass
+class ReadStats:
+    """Records delivered and skipped while reading; per file, what was lost."""
+
+    records: int = 0  # delivered to the consumer
+    files: dict[str, FileLoss] = field(default_factory=dict)  # only the files that lost records
+
+    @property
+    def skipped(self) -> int:
+        return sum(loss.records for loss in self.files.values())
+
+    @property
+    def bytes_lost(self) -> int:
+        return sum(loss.bytes for loss in self.files.values())
+
+    def add(self, error: CorruptRecordError, lost_bytes: int, framing: bool = False) -> None:
+        """Counts one skipped record (or, with `framing`, a span of any number of them) of `lost_bytes`."""
+        self.files.setdefault(error.path, FileLoss()).merge(FileLoss(1, int(framing), lost_bytes, error))
+
+    def merge(self, other: ReadStats) -> None:
+        self.records += other.records
+        for path, loss in other.files.items():
+            self.files.setdefault(path, FileLoss()).merge(loss)
+
+    def as_dict(self) -> dict:
+        """Plain values: records, skipped, bytes_lost, and per file skipped, framing_errors,
+        bytes_lost and first_error (the message of the first)."""
+        return {"records": self.records, "skipped": self.skipped, "bytes_lost": self.bytes_lost,
+                "files": {path: {"skipped": loss.records, "framing_errors": loss.framing_errors,
+                                 "bytes_lost": loss.bytes, "first_error": str(loss.first)}
+                          for path, loss in self.files.items()}}
+
+    def warn(self, stacklevel: int = 1, max_files: int = 10) -> None:
+        """One warning, if records were skipped: the totals, then a line per file (`max_files` at most).
+
+        `stacklevel` as `warnings.warn`'s, counted from the caller of this method.
+        """
+        if not self.files:
+            return
+        lines = [f"skipped {self.skipped} corrupt record(s), {self.bytes_lost} bytes, in {len(self.files)} "
+                 f"file(s), and delivered {self.records}:"]
+        lines += [loss.describe(path) for path, loss in itertools.islice(self.files.items(), max_files)]
+        if len(self.files) > max_files:
+            lines.append(f"... and {len(self.files) - max_files} more file(s)")
+        warnings.warn("\n".join(lines), stacklevel=stacklevel + 1)
+
+
 class ErrorPolicy:
-    """`on_error="raise"` re-raises; `"skip"` counts the bad records and warns once with the count."""
+    """`on_error="raise"` re-raises a corrupt record's error; `"skip"` counts it in `stats`."""
 
     def __init__(self, on_error: str):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error = on_error
-        self.skipped = 0
-        self.first: CorruptRecordError | None = None
+        self.stats = ReadStats()
 
-    def handle(self, error: CorruptRecordError) -> None:
+    def handle(self, error: CorruptRecordError, lost_bytes: int, framing: bool = False) -> None:
+        """Raises `error`, or counts it: `lost_bytes` skipped, `framing` if they may hold any number of records."""
         if self.on_error == "raise":
             raise error
-        self.skipped += 1
-        self.first = self.first or error
+        self.stats.add(error, lost_bytes, framing)
 
-    def warn(self) -> None:
-        if self.skipped:
-            warnings.warn(f"skipped {self.skipped} corrupt record(s); the first: {self.first}", stacklevel=3)
+    def take(self, records: int = 0) -> ReadStats:
+        """The statistics since the last take, with `records` delivered; counting starts afresh."""
+        stats, self.stats = self.stats, ReadStats()
+        stats.records += records
+        return stats
 
 
 def iter_records(files: Iterable[str], level: str, policy: ErrorPolicy, copy: bool = True,
-                 check_crc: bool = True, every: tuple[int, int] = (1, 0)) -> Iterator[tuple[str, int, dict]]:
+                 check_crc: bool = True, every: tuple[int, int] = (1, 0),
+                 num_classes: int | None = None) -> Iterator[tuple[str, int, dict]]:
     """Yield `(path, byte_offset, example)` for the readable records of `files`.
 
-    With `every=(m, r)` only the records whose index in their file is r modulo m are decoded.
+    With `every=(m, r)` only the records whose index in their file is r modulo m are decoded, and
+    only their losses are reported (a framing error takes one index). With `num_classes`, a
+    record with a label outside [0, num_classes) is corrupt.
     """
     modulus, remainder = every
     for path in files:
-        records = read_records(path, check_crc=check_crc)
-        for index in itertools.count():
-            try:
-                offset, payload = next(records)
-            except StopIteration:
-                break
-            except CorruptRecordError as error:  # truncated or bad CRC: the rest of the file is lost
-                policy.handle(error)
-                break
-            except OSError as error:
-                policy.handle(CorruptRecordError(path, 0, f"cannot read: {error}"))
-                break
-            if index % modulus != remainder:
+        index = 0  # of the record in its file, the same for every reader sharing the file
+
+        def lose(error: CorruptRecordError, lost_bytes: int, framing: bool) -> None:
+            """The record at `index` is lost: reported by the reader of that index only."""
+            nonlocal index
+            if index % modulus == remainder:
+                policy.handle(error, lost_bytes, framing)
+            index += 1
+
+        try:
+            records = read_records(path, check_crc=check_crc, on_corrupt=lose if policy.on_error == "skip" else None)
+        except OSError as error:
+            lose(CorruptRecordError(path, 0, f"cannot read: {error}"), _size_or_zero(path), framing=True)
+            continue
+        for offset, payload in records:
+            mine = index % modulus == remainder
+            index += 1
+            if not mine:
                 continue
             try:
                 example = decode_record(payload, level, copy=copy)
             except DecodeError as error:
-                policy.handle(CorruptRecordError(path, offset, f"not a {level}-level record: {error}"))
+                policy.handle(CorruptRecordError(path, offset, f"not a {level}-level record: {error}"),
+                              len(payload) + RECORD_OVERHEAD)
                 continue
+            if num_classes is not None:
+                labels = example["labels"].tolist()  # a few values: cheaper as Python ints than NumPy reductions
+                if labels and (min(labels) < 0 or max(labels) >= num_classes):
+                    bad = [label for label in labels if not 0 <= label < num_classes]
+                    policy.handle(CorruptRecordError(
+                        path, offset, f"label(s) {bad} outside [0, {num_classes}): is num_classes right for this data?"),
+                        len(payload) + RECORD_OVERHEAD)
+                    continue
             yield path, offset, example
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def iter_examples(paths: PathArg, level: str, on_error: str = "raise", check_crc: bool = True) -> Iterator[dict]:
@@ -208,14 +304,19 @@ def iter_examples(paths: PathArg, level: str, on_error: str = "raise", check_crc
              segment_scores (float32)
     A missing `labels` key gives an empty array; the 2017 key `video_id` is read as `id`.
     Bad records raise `CorruptRecordError` (file and byte offset), or with `on_error="skip"` are
-    skipped, counted, and reported in one warning at the end.
+    skipped (a bad payload loses that record only; after broken framing reading resumes at the
+    next intact record) and reported, per file with the records and bytes lost, in one warning
+    when the iteration ends or is closed early.
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     policy = ErrorPolicy(on_error)
-    for _, _, example in iter_records(expand_paths(paths), level, policy, check_crc=check_crc):
-        yield example
-    policy.warn()
+    try:
+        for _, _, example in iter_records(expand_paths(paths), level, policy, check_crc=check_crc):
+            policy.stats.records += 1
+            yield example
+    finally:
+        policy.stats.warn(stacklevel=2)  # at the code iterating this generator
 
 
 # ----------------------------------------------------------------------------- encoding

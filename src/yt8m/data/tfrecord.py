@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import crc32c
+import numpy as np
 
 from yt8m.data.errors import CorruptRecordError
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
+RECORD_OVERHEAD = _HEADER.size + _FOOTER.size  # the framing bytes around a payload
+
+OnCorrupt = Callable[[CorruptRecordError, int, bool], None]  # (error, bytes lost, framing error)
 
 
 def masked_crc(data: bytes | bytearray | memoryview) -> int:
@@ -23,42 +28,163 @@ def masked_crc(data: bytes | bytearray | memoryview) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def read_records(path: str | os.PathLike, check_crc: bool = True) -> Iterator[tuple[int, memoryview]]:
+_LENGTH_CRC_MISMATCH = "length CRC mismatch (not a TFRecord file, or corrupt)"
+
+
+def _truncated(length: int | None, found: int) -> str:
+    """The reason for a record cut short: its header (length None), or the `length` + 4 bytes after it."""
+    if length is None:
+        return f"truncated record header: expected 12 bytes, found {found}"
+    return f"truncated record: expected {length + 4} bytes after the header, found {found}"
+
+
+def read_records(path: str | os.PathLike, check_crc: bool = True,
+                 on_corrupt: OnCorrupt | None = None) -> Iterator[tuple[int, memoryview]]:
     """Yield `(byte_offset, payload)` for each record of a TFRecord file.
 
-    The file is memory-mapped: payloads are read-only views of the page cache, so no record is
-    copied before its frames are gathered into a batch. Raises CorruptRecordError (naming the
-    file and offset) on a truncated record or a CRC mismatch; a reader that skips bad records
-    cannot resynchronise, so the file ends there.
+    The file is opened (and OSError raised) at the call; it is memory-mapped, so payloads are
+    read-only views of the page cache and no record is copied before its frames are gathered
+    into a batch. A truncated record or a CRC mismatch raises CorruptRecordError (naming the
+    file and offset), unless `on_corrupt` is given: it is then called as
+    `on_corrupt(error, lost_bytes, framing)` and reading goes on. After a payload CRC mismatch
+    under an intact header, followed by another header, only that record is lost (`framing`
+    False); after a framing error (length CRC mismatch, a record running past the end of the
+    file, or one not followed by a header) reading resumes at the next offset where a whole
+    record with valid CRCs starts (CRCs are checked there even without `check_crc`), or the
+    rest of the file is lost.
     """
     path = str(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return
+            return iter(())
         try:
             data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # lives while views of it do
         except (OSError, ValueError):  # a file system without mmap (some FUSE mounts): read the file
             data = memoryview(f.read())
+    return _iter_records(path, data, check_crc, on_corrupt)
+
+
+def _iter_records(path: str, data: memoryview, check_crc: bool,
+                  on_corrupt: OnCorrupt | None) -> Iterator[tuple[int, memoryview]]:
+    size = len(data)
     offset = 0
     while offset < size:
+        framing = True
         if size - offset < _HEADER.size:
-            raise CorruptRecordError(
-                path, offset, f"truncated record header: expected 12 bytes, found {size - offset}")
-        length, length_crc = _HEADER.unpack_from(data, offset)
-        if check_crc and masked_crc(data[offset:offset + 8]) != length_crc:
-            raise CorruptRecordError(path, offset, "length CRC mismatch (not a TFRecord file, or corrupt)")
-        start = offset + _HEADER.size
-        end = start + length
-        if end + _FOOTER.size > size:
-            raise CorruptRecordError(
-                path, offset, f"truncated record: expected {length + 4} bytes after the header, "
-                              f"found {size - start}")
-        payload = data[start:end]
-        if check_crc and masked_crc(payload) != _FOOTER.unpack_from(data, end)[0]:
-            raise CorruptRecordError(path, offset, "payload CRC mismatch")
-        yield offset, payload
-        offset = end + _FOOTER.size
+            reason = _truncated(None, size - offset)
+        else:
+            length, length_crc = _HEADER.unpack_from(data, offset)
+            start = offset + _HEADER.size
+            end = start + length
+            if check_crc and masked_crc(data[offset:offset + 8]) != length_crc:
+                reason = _LENGTH_CRC_MISMATCH
+            elif end + _FOOTER.size > size:
+                reason = _truncated(length, size - start)
+            else:
+                payload = data[start:end]
+                if not check_crc or masked_crc(payload) == _FOOTER.unpack_from(data, end)[0]:
+                    yield offset, payload
+                    offset = end + _FOOTER.size
+                    continue
+                reason, framing = "payload CRC mismatch", False
+                if not _header_at(data, end + _FOOTER.size):  # the length read was wrong after all
+                    reason, framing = "payload CRC mismatch, and no record header after it", True
+        error = CorruptRecordError(path, offset, reason)
+        if on_corrupt is None:
+            raise error
+        resume = _resynchronise(data, offset + 1) if framing else end + _FOOTER.size
+        on_corrupt(error, resume - offset, framing)
+        offset = resume
+
+
+def _header_at(data: memoryview, offset: int) -> bool:
+    """Whether a header with a valid length CRC, or the end of the file, is at `offset`."""
+    if offset == len(data):
+        return True
+    return (offset + _HEADER.size <= len(data)
+            and masked_crc(data[offset:offset + 8]) == _FOOTER.unpack_from(data, offset + 8)[0])
+
+
+def _crc32c_tables() -> np.ndarray:
+    """[8, 256] uint32: row k maps a byte to its share of the CRC-32C of an 8-byte string when k
+    bytes follow it (slicing-by-8), the initial all-ones register folded into rows 4 to 7."""
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):  # the reflected CRC-32C polynomial, one bit at a time
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1).astype(np.uint32)
+    rows = [table]
+    for _ in range(7):
+        rows.append((rows[-1] >> 8) ^ table[rows[-1] & 0xFF])
+    tables = np.stack(rows)
+    tables[4:] = tables[4:, np.arange(256) ^ 0xFF]  # the first 4 bytes meet the register's ones
+    return tables
+
+
+_CRC32C_TABLES = _crc32c_tables()
+
+
+def _masked_crcs(data: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """`masked_crc(data[s:s + 8])` for every s of `starts` at once (uint8 data, uint32 result)."""
+    crc = np.full(len(starts), 0xFFFFFFFF, np.uint32)  # the final inversion
+    for k in range(8):
+        crc ^= _CRC32C_TABLES[7 - k][data[starts + k]]
+    return ((crc >> 15) | (crc << 17)) + np.uint32(_MASK_DELTA)
+
+
+def _resynchronise(data: memoryview, start: int) -> int:
+    """The first offset at or after `start` where a whole record with valid CRCs begins, else len(data).
+
+    As robust TFRecord readers do after a framing error. The scan takes windows of offsets (64 KiB,
+    doubling up to 1 MiB): first the offsets whose length field fits in the file, then, vectorised,
+    those whose header CRC matches, and only then a payload CRC, so a false start costs no payload read.
+    """
+    size = len(data)
+    last = size - _HEADER.size - _FOOTER.size  # the last offset where an (empty) record fits
+    raw = np.frombuffer(data, np.uint8)
+    lo, window = start, 1 << 16
+    while lo <= last:
+        count = min(window, last + 1 - lo)
+        lengths = np.ndarray((count,), "<u8", data, lo, (1,))  # the length field at every offset
+        room = (last - lo) - np.arange(count, dtype=np.uint64)  # the longest payload that fits there
+        offsets = lo + np.flatnonzero(lengths <= room)
+        stored = np.ndarray((count,), "<u4", data, lo + 8, (1,))
+        offsets = offsets[_masked_crcs(raw, offsets) == stored[offsets - lo]]
+        for offset in offsets.tolist():
+            end = offset + _HEADER.size + int(lengths[offset - lo])
+            if masked_crc(data[offset + _HEADER.size:end]) == _FOOTER.unpack_from(data, end)[0]:
+                return offset
+        lo, window = lo + count, min(window * 2, 1 << 20)
+    return size
+
+
+def count_records(path: str | os.PathLike) -> int:
+    """The number of records in a TFRecord file, from its length headers alone (no payload is read).
+
+    Cached per process by (real path, size, modification time). Raises CorruptRecordError if a
+    length CRC does not match or the records do not end exactly at the end of the file.
+    """
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    return _count_records(real, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _count_records(path: str, size: int, mtime_ns: int) -> int:
+    count = offset = 0
+    with open(path, "rb", buffering=0) as f:
+        while offset < size:
+            header = os.pread(f.fileno(), _HEADER.size, offset)
+            if len(header) < _HEADER.size:
+                raise CorruptRecordError(path, offset, _truncated(None, len(header)))
+            length, length_crc = _HEADER.unpack(header)
+            if masked_crc(header[:8]) != length_crc:
+                raise CorruptRecordError(path, offset, _LENGTH_CRC_MISMATCH)
+            end = offset + _HEADER.size + length + _FOOTER.size
+            if end > size:
+                raise CorruptRecordError(path, offset, _truncated(length, size - offset - _HEADER.size))
+            offset = end
+            count += 1
+    return count
 
 
 def frame_record(payload: bytes | bytearray | memoryview) -> bytes:

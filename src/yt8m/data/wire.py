@@ -43,6 +43,11 @@ def read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
+            # A 10th byte above 1 sets bits past the 64th. protobuf's decoders (upb, and the pure
+            # Python one) keep the low 64 bits of such a varint; no writer produces one, so here
+            # it is corruption.
+            if result >> 64:
+                raise DecodeError("varint at or above 2^64")
             return result, pos
         shift += 7
         if shift >= 70:
