@@ -29,3 +29,5 @@ def test_torchrun_trains_one_model_with_two_ranks(tiny_corpus, tmp_path):
     assert 0 < max(r["step"] for r in records) < 14
     model = load_model(run_dir)
     assert model.config["name"] == "moe"
+    # the examples the ranks trained on, summed (not steps x batch x ranks: 64 a epoch here)
+    assert torch.load(run_dir / "model.pt", weights_only=True)["examples_seen"] == 2 * 56

@@ -24,7 +24,7 @@ def make_config(corpus, output, model: str = "dbof", **overrides) -> TrainConfig
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "model.pt", weights_only=True)["model"]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -68,7 +68,7 @@ def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tiny_corp
     with pytest.raises(KeyboardInterrupt):
         train(make_config(tiny_corpus, tmp_path / "killed", model), progress=False)
     assert not (tmp_path / "killed" / "model.pt").exists()
-    assert torch.load(checkpoints(tmp_path / "killed")[-1], weights_only=False)["step"] == resumed_from
+    assert torch.load(checkpoints(tmp_path / "killed")[-1], weights_only=True)["step"] == resumed_from
     calls.update(n=0, at=None)
     summary = train(make_config(tiny_corpus, tmp_path / "killed", model), resume=True, progress=False)
 
@@ -129,7 +129,7 @@ def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_corpus
     assert str(last_good) in str(error.value)
     assert last_good.exists() and checkpoints(run_dir)[-1] == last_good
     assert not (run_dir / "model.pt").exists()
-    assert torch.load(last_good, weights_only=False)["step"] == 4
+    assert torch.load(last_good, weights_only=True)["step"] == 4
 
 
 class InfiniteGradient(torch.autograd.Function):
@@ -158,7 +158,7 @@ def test_infinite_gradients_stop_before_the_update(tiny_corpus, tmp_path, monkey
     with pytest.raises(TrainingError, match="gradient norm is (inf|nan).* at step 4") as error:
         train(make_config(tiny_corpus, run_dir, "moe", checkpoint_every=2), progress=False)
     assert "step-00000002.pt" in str(error.value)
-    assert all(torch.isfinite(v).all() for v in torch.load(checkpoints(run_dir)[-1], weights_only=False)["model"].values())
+    assert all(torch.isfinite(v).all() for v in torch.load(checkpoints(run_dir)[-1], weights_only=True)["model"].values())
 
 
 def test_resume_forgets_what_the_stopped_run_logged_after_its_checkpoint(tiny_corpus, tmp_path, monkeypatch):
@@ -261,8 +261,9 @@ def test_retention_keeps_the_last_checkpoints(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     train(make_config(tiny_corpus, run_dir, "moe", checkpoint_every=2, keep_checkpoints=2), progress=False)
     assert [p.name for p in checkpoints(run_dir)] == ["step-00000012.pt", "step-00000014.pt"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000012.pt", "step-00000014.pt"]
-    last = torch.load(checkpoints(run_dir)[-1], weights_only=False)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-00000012.pt", "step-00000012.pt.sha256", "step-00000014.pt", "step-00000014.pt.sha256"]
+    last = torch.load(checkpoints(run_dir)[-1], weights_only=True)
     assert (last["step"], last["epoch"], last["batches_in_epoch"], last["examples_seen"]) == (14, 2, 0, 112)
     assert_same_weights(last["model"], final_weights(run_dir))
 
@@ -347,7 +348,7 @@ def test_a_run_stopped_by_max_steps_resumes_where_it_stopped(tiny_corpus, tmp_pa
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("clip", "norm"),
-                                          ("precision", "fp16"), ("keep_checkpoints", 0), ("max_steps", 0),
+                                          ("precision", "fp8"), ("keep_checkpoints", 0), ("max_steps", 0),
                                           ("lr_decay_examples", 0)])
 def test_invalid_config_values_are_refused(field, value):
     with pytest.raises(ValueError, match=field):

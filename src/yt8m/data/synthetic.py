@@ -529,8 +529,8 @@ def synthesize(
     out_dir = Path(out_dir)
     existing = _output_paths(out_dir)
     if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a corpus ({existing[0]}, ...); pass overwrite=True "
-                              "to replace it")
+        raise FileExistsError(f"{out_dir} already holds a corpus ({existing[0]}, ...); pass --overwrite "
+                              "(overwrite=True) to replace it")
     for path in existing:
         path.unlink()
     structure = _structure(num_classes, seed)

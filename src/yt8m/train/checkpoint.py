@@ -1,9 +1,19 @@
-"""Atomic checkpoints in a run directory, and loading a trained model back."""
+"""Checkpoints and models in a run directory: written atomically with a SHA-256 digest, loaded safely.
+
+Every `.pt` file yt8m writes holds tensors and plain Python values only, so it loads with
+`torch.load(..., weights_only=True)`: a file carrying any other pickled object is refused
+before anything in it runs. Next to each file lies `NAME.sha256`, in the format of
+`sha256sum` (`sha256sum -c step-00000200.pt.sha256` checks it by hand); loading checks it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import re
+import secrets
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,45 +23,178 @@ from yt8m.models import build
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "model.pt"
+DIGEST_SUFFIX = ".sha256"
 _NAME = re.compile(r"step-(\d+)\.pt$")
+_TEMPORARY = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")  # what `temporary_path` makes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model file that cannot be used: empty, truncated, unreadable, failing its
+    digest, or carrying pickled objects that loading would have to run."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def temporary_path(path: Path) -> Path:
+    """A hidden name next to `path`, unique to this process and call."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
+    """torch.save to a temporary file, its digest beside it, then rename: a killed run never leaves
+    half a file under the final name, and two writers never share a temporary file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp, tmp_digest = temporary_path(path), temporary_path(digest_path(path))
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        tmp_digest.write_text(f"{file_digest(tmp)}  {path.name}\n")
+        # the digest first: a crash between the two renames leaves a digest that the old file
+        # fails (reported, never trusted), not a new file without a digest
+        _replace_durably(tmp_digest, digest_path(path))
+        _replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_digest.unlink(missing_ok=True)
+
+
+def recorded_digest(path: Path) -> str | None:
+    """The SHA-256 recorded next to `path` when it was written, None when there is none."""
+    try:
+        text = digest_path(path).read_text().split()
+    except FileNotFoundError:
+        return None
+    if not text or not re.fullmatch(r"[0-9a-f]{64}", text[0]):
+        raise CheckpointError(digest_path(path), "not a SHA-256 digest file")
+    return text[0]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint or model file's contents, after checking its digest; never runs pickled code.
+
+    Raises CheckpointError (naming the file) for an empty, truncated or unreadable file, one whose
+    bytes differ from the digest recorded when it was written, or one holding anything but
+    tensors and plain values. A file without a recorded digest loads with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint or model file at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "empty file (a write that never finished?)")
+    expected = recorded_digest(path)
+    if expected is None:
+        warnings.warn(f"{path}: no {DIGEST_SUFFIX} digest beside it, so its integrity cannot be checked",
+                      stacklevel=2)
+    elif (found := file_digest(path)) != expected:
+        raise CheckpointError(path, f"SHA-256 {found[:16]}… differs from the {expected[:16]}… recorded when it "
+                                    "was written: the file changed or is damaged")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(path, "refused: it holds pickled objects other than tensors and plain values, "
+                                    f"which loading would have to run ({first_line}). yt8m never writes such "
+                                    "files; load it only if you trust its origin.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(path, f"unreadable, truncated or not a PyTorch file ({error})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
+            or not isinstance(state.get("model_config"), dict) or "name" not in state["model_config"]:
+        raise CheckpointError(path, "not a yt8m checkpoint or model (no 'model' weights and 'model_config')")
+    return state
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoints, oldest first."""
-    found = [(int(m.group(1)), p) for p in (run_dir / CHECKPOINT_DIR).glob("step-*.pt") if (m := _NAME.search(p.name))]
+    found = [(int(m.group(1)), p) for p in (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt")
+             if (m := _NAME.search(p.name))]
     return [p for _, p in sorted(found)]
 
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> Path:
-    path = run_dir / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+    path = Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
     atomic_save(state, path)
     for old in checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        digest_path(old).unlink(missing_ok=True)
     return path
 
 
-def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a run directory (its final model, else its latest checkpoint), in eval mode."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    final = run_dir / FINAL_MODEL
-    sources = [final] if final.exists() else checkpoints(run_dir)[-1:]
-    if not sources:
-        raise FileNotFoundError(f"{run_dir} holds no {FINAL_MODEL} and no checkpoint: was it trained?")
-    state = torch.load(sources[0], map_location=map_location, weights_only=False)
+def latest_intact_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu",
+                             report=None) -> tuple[Path, dict] | None:
+    """(path, state) of the newest checkpoint that loads and passes its digest; None without any.
+
+    Each newer one that fails is passed to `report(CheckpointError)`. Raises CheckpointError,
+    naming every failure, when checkpoints exist but none is intact.
+    """
+    failures: list[CheckpointError] = []
+    candidates = checkpoints(run_dir)
+    for path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as error:
+            failures.append(error)
+            if report is not None:
+                report(error)
+    if failures:
+        raise CheckpointError(Path(run_dir) / CHECKPOINT_DIR, "no intact checkpoint to resume from:\n  "
+                              + "\n  ".join(str(error) for error in failures))
+    return None
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Deletes the temporary files of writes that never finished (a killed run), and digests whose
+    file is gone; call only while holding the run's lock. Returns what it removed."""
+    removed = []
+    for directory in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            orphan = path.name.endswith(DIGEST_SUFFIX) and not path.with_name(path.name[:-len(DIGEST_SUFFIX)]).exists()
+            if path.is_file() and (_TEMPORARY.match(path.name) or orphan):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def model_from_state(state: dict) -> nn.Module:
+    """The model a checkpoint or model state describes, with its weights, in eval mode."""
     config = dict(state["model_config"])
     model = build(config.pop("name"), **config)
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained model of a run directory (its final model, else its latest checkpoint), or of one
+    checkpoint or model file, in eval mode. Loads with `weights_only=True` and checks digests."""
+    path = Path(path)
+    if path.is_file():
+        return model_from_state(load_checkpoint(path, map_location))
+    if not path.is_dir():
+        raise FileNotFoundError(f"no run directory or model file at {path}")
+    final = path / FINAL_MODEL
+    sources = [final] if final.exists() else checkpoints(path)[-1:]
+    if not sources:
+        raise FileNotFoundError(f"{path} holds no {FINAL_MODEL} and no checkpoint: was it trained?")
+    return model_from_state(load_checkpoint(sources[0], map_location))

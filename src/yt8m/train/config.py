@@ -1,15 +1,32 @@
-"""Training configuration: a dataclass of plain values, loaded from YAML and dumped to the run."""
+"""Training configuration: a dataclass of plain values, loaded from YAML, checked, dumped to the run."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
+from yt8m.models.registry import build, resolve
+
 CLIP_MODES = ("per_parameter", "global", "none")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ON_ERROR = ("raise", "skip")
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Training computes in float32: a larger number (`--lr 1e39`) becomes inf in the first step.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# Model options that size or count something (cluster_size, rgb_dim, num_mixtures, groups...):
+# zero or less builds some models silently and fails only in the first forward pass.
+SIZE_OPTION = re.compile(r"^num_|_size$|_dim$|_frames$|^groups$|^expansion$|_reduction$")
 
 
 @dataclass
@@ -32,17 +49,19 @@ class TrainConfig:
     max_frames: int = 300
     num_workers: int = 0
     shuffle_buffer: int = 1024
-    precision: str = "fp32"             # fp32 | bf16 (autocast)
+    precision: str = "fp32"             # fp32 | bf16 (autocast) | fp16 (autocast and a gradient scaler)
     compile: bool = False
-    device: str = "auto"                # auto: cuda when available, else cpu
+    device: str = "auto"                # auto: cuda when available, else cpu; cpu, cuda, cuda:N, mps
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     eval_batch_size: int = 256
-    on_error: str = "raise"
+    on_error: str = "raise"             # raise | skip (corrupt records)
 
     def __post_init__(self):
+        for name, annotation in _field_types().items():  # types first: the checks below compare values
+            check_value(name, getattr(self, name), annotation)
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}"),
@@ -55,6 +74,13 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.max_frames >= 1, f"max_frames must be >= 1, got {self.max_frames}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}"),
+            (self.on_error in ON_ERROR, f"on_error must be one of {ON_ERROR}, got {self.on_error!r}"),
+            (DEVICE_PATTERN.fullmatch(self.device) is not None,
+             f"device must be one of {DEVICE_FORMS}, got {self.device!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -65,20 +91,114 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {', '.join(sorted(known))}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ValueError(f"missing config key(s) {missing}")
         return cls(**values)
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+@functools.cache
+def _field_types() -> dict[str, typing.Any]:
+    """TrainConfig's fields and their declared types (evaluated from the string annotations)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _describe_type(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
+
+
+def matches_type(value, annotation) -> bool:
+    """Whether `value` is of the declared type (ints pass as floats, bools never as numbers)."""
+    if annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        return any(matches_type(value, member) for member in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(matches_type(v, item) for v in value)
+    if annotation is dict or origin is dict:
+        return isinstance(value, Mapping)
+    if annotation in (int, float) and isinstance(value, bool):
+        return False
+    if annotation is float:
+        return isinstance(value, (int, float))
+    if annotation is type(None):
+        return value is None
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # a form this check does not know: left to the code that uses the value
+
+
+def check_value(key: str, value, annotation) -> None:
+    """Raises ValueError naming `key` unless `value` is of type `annotation` and all its numbers are
+    finite and within float32 range (nested mappings and lists included)."""
+    if not matches_type(value, annotation):
+        raise ValueError(f"{key}: expected {_describe_type(annotation)}, found {value!r} ({type(value).__name__})")
+    _check_numbers(key, value)
+
+
+def _check_numbers(key: str, value) -> None:
+    if isinstance(value, Mapping):
+        for inner, item in value.items():
+            _check_numbers(f"{key}.{inner}", item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_numbers(f"{key}[{index}]", item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= FLOAT32_MAX:  # nan too
+        raise ValueError(f"{key}: expected a finite number within the float32 range that training computes in "
+                         f"(magnitude <= {FLOAT32_MAX:.4g}), found {value!r}")
+
+
+def validate_model_options(model: str, options: Mapping, num_classes: int) -> None:
+    """Checks model options before anything runs: names and types against the builder's signature,
+    sizes and counts positive, and then builds the model on the meta device (no memory, no time),
+    turning whatever that raises into a ValueError naming the options."""
+    found, _, _ = resolve(model)
+    parameters = inspect.signature(found.builder).parameters
+    accepted = sorted(p for p in parameters if p != "num_classes")
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {model!r} has no option(s) {unknown}; options: {', '.join(accepted)}")
+    hints = typing.get_type_hints(found.builder.__init__ if inspect.isclass(found.builder) else found.builder)
+    for name, value in options.items():
+        key = f"model_options.{name}"
+        check_value(key, value, hints.get(name, typing.Any))
+        if SIZE_OPTION.search(name) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"{key}: expected a positive int (a size or count), found {value}")
+    try:
+        with torch.device("meta"):
+            build(model, num_classes=num_classes, **options)
+    except Exception as error:  # any failure of the builder is a consequence of these options
+        raise ValueError(f"model {model!r} cannot be built with model_options {dict(options)}: "
+                         f"{type(error).__name__}: {error}") from error
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-3` as a number (as YAML 1.2 does), not as the string '1e-3'."""
+
+
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                  list("-+.0123456789"))
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
     """A YAML mapping from a file, with a clear error for anything else."""
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = _parse_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
@@ -97,10 +217,19 @@ def apply_overrides(values: dict, assignments: list[str]) -> dict:
         key, sep, raw = assignment.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {assignment!r}")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = _parse_yaml(raw) if raw else None
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {assignment}: the value is not valid YAML ({error})") from None
         if "." in key:
             outer, inner = key.split(".", 1)
-            values[outer] = {**(values.get(outer) or {}), inner: value}
+            declared = _field_types().get(outer, dict)
+            current = values.get(outer) or {}
+            if not (declared is dict and isinstance(current, Mapping)):
+                found = f"holds {current!r}" if declared is dict else f"takes {_describe_type(declared)}"
+                raise ValueError(f"--set {assignment}: {outer} {found}, not a mapping of sub-keys; "
+                                 "KEY.SUBKEY reaches into mappings only (model_options.KEY)")
+            values[outer] = {**current, inner: value}
         else:
             values[key] = value
     return values

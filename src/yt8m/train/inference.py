@@ -4,70 +4,165 @@ from __future__ import annotations
 
 import contextlib
 import csv
-from collections.abc import Iterator
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from yt8m.data import make_loader, prepare_batch
+from yt8m.data import CorruptRecordError, expand_paths, make_loader, prepare_batch
 from yt8m.metrics import Evaluator
+from yt8m.train.checkpoint import temporary_path
+from yt8m.train.config import DEVICE_FORMS, DEVICE_PATTERN
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` (CUDA when available, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against this machine."""
+    name = str(device)
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise ValueError(f"device must be one of {DEVICE_FORMS}, got {name!r}")
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(name)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise ValueError(f"device {name!r}: no CUDA GPU is available on this machine (torch {torch.__version__}, "
+                             f"{build}); use device cpu or auto")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine; use device cpu or auto")
+    return resolved
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """Mixed precision for `precision` bf16 or fp16; fp32 runs as it is."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
 
 
 def predict_batches(model: nn.Module, data, num_classes: int, device: torch.device, batch_size: int = 256,
-                    max_frames: int = 300, precision: str = "fp32", num_workers: int = 0,
+                    max_frames: int = 300, precision: str = "fp32", num_workers: int = 0, on_error: str = "raise",
                     progress: bool = True, desc: str = "predict") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """Yield (ids, probabilities [B, C] float32 on the CPU, labels [B, C]) over all records of `data`."""
+    """Yield (ids, probabilities [B, C] float32 on the CPU, labels [B, C]) over all records of `data`.
+
+    `on_error="skip"` skips corrupt records with a warning; the progress bar shows the batches
+    of the pass against their total, an ETA and videos per second.
+    """
     # every record, even inside a distributed run (where rank 0 validates alone)
     loader = make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
-                         num_classes=num_classes, num_workers=num_workers, rank=0, world_size=1)
+                         num_classes=num_classes, num_workers=num_workers, on_error=on_error, rank=0, world_size=1)
+    try:
+        total = loader.num_batches()
+    except CorruptRecordError:  # a shard's framing is damaged: reading it raises or skips, as on_error says
+        total = None
     model.eval()
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+    with torch.inference_mode(), tqdm(total=total, desc=desc, unit="batch", disable=not progress,
+                                      leave=False) as bar:
+        start, videos = time.perf_counter(), 0
+        for batch in loader:
             ready = prepare_batch(batch, device)
             with autocast(device, precision):
                 logits = model(ready["rgb"], ready["audio"], ready["num_frames"])
             yield batch["id"], torch.sigmoid(logits.float()).cpu(), batch["labels"]
+            videos += len(batch["id"])
+            bar.set_postfix({"videos/s": f"{videos / (time.perf_counter() - start):.0f}"}, refresh=False)
+            bar.update()
 
 
 def evaluate(model: nn.Module, data, num_classes: int, device: torch.device, top_k: int = 20, **options) -> dict:
-    """GAP@k, mAP, Hit@1, PERR and the video count of `model` on the records of `data`."""
+    """GAP@k, mAP, Hit@1, PERR, the video count and `num_labeled` (videos with at least one label) of
+    `model` on the records of `data`; warns when some videos have no labels, and when there are no
+    videos at all (the scores are then NaN). `options`: those of `predict_batches` (batch_size,
+    max_frames, precision, num_workers, on_error, progress)."""
     evaluator = Evaluator(num_classes, top_k=top_k)
+    num_videos = num_labeled = 0
     for _, probabilities, labels in predict_batches(model, data, num_classes, device, desc="evaluate", **options):
         evaluator.update(probabilities, labels)
-    return evaluator.compute()
+        num_videos += len(labels)
+        num_labeled += int(labels.any(dim=1).sum())
+    if num_videos == 0:  # empty shards, or every record skipped as corrupt
+        warnings.warn("no video to score: the data is empty or every record was skipped", stacklevel=2)
+        return {"gap": math.nan, "map": math.nan, "hit_at_one": math.nan, "perr": math.nan, "num_videos": 0,
+                "num_labeled": 0}
+    scores = {**evaluator.compute(), "num_labeled": num_labeled}
+    if num_labeled < num_videos:
+        warnings.warn(f"only {num_labeled} of {num_videos} videos have labels: the scores count every "
+                      "class predicted for the others as wrong (unlabeled test data?)", stacklevel=2)
+    return scores
+
+
+def check_output(output: str | Path, inputs: Iterable[str | Path] = (), protect: Iterable[str | Path] = (),
+                 overwrite: bool = False) -> None:
+    """Refuses to write `output` over an input file or anything in `protect` (files, or directories and
+    everything in them), even with `overwrite`; and over any existing file without `overwrite`.
+    Paths are compared resolved, so symlinks and `./` spellings are caught."""
+    output = Path(output)
+    real = Path(os.path.realpath(output))
+    for path in inputs:
+        if real == Path(os.path.realpath(path)):
+            raise ValueError(f"refusing to write {output}: it is the input file {path}; choose another output")
+    for path in protect:
+        guarded = Path(os.path.realpath(path))
+        if real == guarded or guarded in real.parents:
+            raise ValueError(f"refusing to write {output}: it would replace {'a file of ' if real != guarded else ''}"
+                             f"{path}, which is never overwritten; choose another output")
+    if os.path.lexists(output) and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Renames the finished `tmp` to `output`; without `overwrite`, atomically refuses a file that
+    appeared there meanwhile (a hard link fails on an existing name, as git stores its objects)."""
+    if overwrite:
+        os.replace(tmp, output)
+        return
+    try:
+        os.link(tmp, output)
+    except FileExistsError:
+        raise FileExistsError(f"{output} appeared while predicting; pass --overwrite (overwrite=True) to replace "
+                              "it") from None
+    except OSError:  # a file system without hard links
+        check_output(output)
+        os.replace(tmp, output)
 
 
 def write_submission(model: nn.Module, data, output: str | Path, num_classes: int, device: torch.device,
-                     top_k: int = 20, **options) -> int:
-    """The Kaggle video-level submission: `VideoId,LabelConfidencePairs`, classes by descending score."""
+                     top_k: int = 20, overwrite: bool = False, protect: Iterable[str | Path] = (), **options) -> int:
+    """The Kaggle video-level submission: `VideoId,LabelConfidencePairs`, classes by descending score.
+
+    Never writes over an input file of `data` or anything in `protect` (`check_output`); an
+    existing `output` only with `overwrite`. Written to a temporary file unique to this call, renamed
+    at the end, removed on failure. `options`: those of `predict_batches`.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k: expected a positive int, found {top_k}")
     output = Path(output)
+    inputs = expand_paths(data)
+    check_output(output, inputs, protect, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    tmp = output.with_name(f".{output.name}.tmp")
+    tmp = temporary_path(output)
     try:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "x", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["VideoId", "LabelConfidencePairs"])
-            for ids, probabilities, _ in predict_batches(model, data, num_classes, device, **options):
+            for ids, probabilities, _ in predict_batches(model, inputs, num_classes, device, **options):
                 scores, classes = torch.topk(probabilities, min(top_k, num_classes), dim=1)
                 for video_id, row_classes, row_scores in zip(ids, classes.numpy(), scores.numpy()):
                     writer.writerow([video_id, " ".join(f"{c} {s:.6f}" for c, s in zip(row_classes, row_scores))])
                     count += 1
-        tmp.replace(output)
+        _publish(tmp, output, overwrite)
     finally:  # a failed run leaves no partial file behind
         tmp.unlink(missing_ok=True)
     return count
@@ -87,4 +182,5 @@ def read_submission(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-__all__ = ["autocast", "evaluate", "predict_batches", "read_submission", "resolve_device", "write_submission"]
+__all__ = ["autocast", "check_output", "evaluate", "predict_batches", "read_submission", "resolve_device",
+           "write_submission"]

@@ -4,7 +4,8 @@ load batch -> dequantize on the device -> forward -> loss (+ L2 on the classifie
 -> clip -> Adam step with the starter's staircase decay -> log -> checkpoint.
 
 Launched by `torchrun --nproc-per-node N -m yt8m.cli train ...`, the same loop trains with
-DistributedDataParallel: every rank reads its own shards, rank 0 writes the run directory.
+DistributedDataParallel: every rank reads its own shards, rank 0 writes the run directory and
+holds its lock. `batch_size` is per rank.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import contextlib
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +29,31 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from yt8m.data import make_loader, prepare_batch
+from yt8m.data import CorruptRecordError, count_records, make_loader, prepare_batch
+from yt8m.data.records import expand_paths
 from yt8m.metrics import gap, hit_at_one, perr
 from yt8m.models import build
-from yt8m.train.checkpoint import FINAL_MODEL, atomic_save, checkpoints, save_checkpoint
+from yt8m.train.checkpoint import (
+    FINAL_MODEL,
+    CheckpointError,
+    atomic_save,
+    checkpoints,
+    latest_intact_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from yt8m.train.config import TrainConfig
 from yt8m.train.inference import autocast, evaluate, resolve_device
+from yt8m.train.lock import RunLock
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+# what must match between a run and the configuration that resumes it
+RESUME_KEYS = ("model", "num_classes", "model_options")
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN loss, a run directory in the way)."""
+    """Training cannot go on (a NaN loss, non-finite weights, no data, a run directory in the way)."""
 
 
 def staircase_lr(config: TrainConfig, base_lr: float, examples_seen: int) -> float:
@@ -60,11 +77,14 @@ def clip_gradients(model: nn.Module, mode: str, max_norm: float) -> torch.Tensor
 
 
 def forward_backward(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-                     config: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     config: TrainConfig, device: torch.device,
+                     scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step up to the update: forward, loss (+ L2 on the classifier), backward, clip.
 
     `forward` is the model as called (wrapped by DDP or torch.compile); `batch` is dequantized
-    on the device. Returns (loss, logits, global gradient norm before clipping).
+    on the device. With a gradient `scaler` (fp16), the loss is scaled for the backward pass and
+    the gradients unscaled before clipping; `scaler.step(optimizer)` then skips an update whose
+    gradients overflowed. Returns (loss, logits, global gradient norm before clipping).
     """
     with autocast(device, config.precision):
         outputs = forward(batch["rgb"], batch["audio"], batch["num_frames"])
@@ -72,32 +92,76 @@ def forward_backward(model: nn.Module, forward: nn.Module, optimizer: torch.opti
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs
     penalty = sum(w.float().pow(2).sum() for w in model.classifier_weights()) * (config.l2 / 2)
     optimizer.zero_grad(set_to_none=True)
-    (loss + penalty).backward()
+    total = loss + penalty
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
     return loss, logits, clip_gradients(model, config.clip, config.clip_norm)
 
 
-class MetricsLog:
-    """metrics.jsonl in the run directory, plus TensorBoard events when tensorboard is installed."""
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding a NaN or an infinity, else None."""
+    tensors = dict(model.named_parameters())
+    tensors.update((name, buffer) for name, buffer in model.named_buffers() if buffer.is_floating_point())
+    if not tensors:
+        return None
+    names = list(tensors)
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in tensors.values()]).cpu()
+    bad = (~finite).nonzero()
+    return names[int(bad[0])] if len(bad) else None
 
-    def __init__(self, run_dir: Path, after_step: int | None = None):
+
+class MetricsLog:
+    """metrics.jsonl in the run directory (one JSON object a line, with a wall-clock `time`), plus
+    TensorBoard events under `tensorboard/` when tensorboard is installed (tags `train/…`, `valid/…`)."""
+
+    _said_no_tensorboard = False  # say once per process that TensorBoard events are not written
+
+    def __init__(self, run_dir: Path, after_step: int = 0):
         path = run_dir / METRICS_FILE
-        if after_step is not None and path.exists():  # resuming: forget what the stopped run logged later
-            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
-            path.write_text("".join(line + "\n" for line in lines))
+        kept = self._records_up_to(path, after_step) if path.exists() else []
+        path.write_text("".join(line + "\n" for line in kept))  # a new run starts a new log
         self.file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         except ImportError:
             self.tensorboard = None
+            if not MetricsLog._said_no_tensorboard:
+                MetricsLog._said_no_tensorboard = True
+                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only "
+                              "(pip install tensorboard for TensorBoard events)", stacklevel=2)
+
+    @staticmethod
+    def _records_up_to(path: Path, step: int) -> list[str]:
+        """The lines of an earlier log logged at or before `step`; torn or malformed lines (a killed
+        write) are dropped with a warning."""
+        kept, torn = [], []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line)
+                logged_at = int(record["step"])
+            except (ValueError, TypeError, KeyError):
+                torn.append(number)
+                continue
+            if logged_at <= step:
+                kept.append(line)
+        if torn:
+            warnings.warn(f"{path}: dropped {len(torn)} torn or malformed line(s) (line {torn[0]}"
+                          f"{' and more' if len(torn) > 1 else ''}), left by a write that did not finish",
+                          stacklevel=3)
+        return kept
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         self.file.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    tag = f"valid/{key.removeprefix('valid_')}" if key.startswith("valid_") else f"train/{key}"
+                    self.tensorboard.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         self.file.close()
@@ -130,17 +194,98 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), resolved
 
 
+def check_resumable(saved: dict, config: TrainConfig, source: Path) -> None:
+    """Raises ValueError naming each of RESUME_KEYS on which `config` differs from the run's."""
+    current = config.to_dict()
+    differ = [f"{key}: the run has {saved.get(key)!r}, this command {current[key]!r}"
+              for key in RESUME_KEYS if saved.get(key) != current[key]]
+    if differ:
+        raise ValueError(f"cannot resume {config.output} ({source.name}) with a different configuration:\n  "
+                         + "\n  ".join(differ) + "\nresume with the run's settings, or train into a new --output")
+
+
+class StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step (with a checkpoint); a second
+    one interrupts at once. Only in the main thread of a single-process run."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopRequest:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _all_reduce_sum(values: list[int], device: torch.device, world_size: int) -> list[int]:
+    if world_size == 1:
+        return values
+    backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor(values, dtype=torch.int64, device=backend_device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def _num_batches(loader) -> int | None:
+    """The epoch's batches for the progress bar's total; None where a shard's framing is damaged
+    (the loader then reports the damage as it reads)."""
+    try:
+        return loader.num_batches()
+    except (CorruptRecordError, OSError):
+        return None
+
+
+def _count_videos(files: list[str]) -> str:
+    try:
+        return f"{sum(count_records(path) for path in files):,} videos"
+    except (CorruptRecordError, OSError):  # a damaged shard: the loader reports it in detail
+        return "videos uncounted (a shard could not be framed)"
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Trains `config.model`; returns a summary (steps, examples, final loss, validation metrics)."""
-    run_dir = Path(config.output)
-    existing = checkpoints(run_dir) if run_dir.exists() else []
-    if not resume and (existing or (run_dir / FINAL_MODEL).exists()):
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another output")
+    """Trains `config.model`; returns a summary (steps, examples, final loss, validation metrics).
+
+    Rank 0 holds the run directory's lock for the whole run (RunLockedError, a ValueError, when
+    another process holds it).
+    """
     rank, world_size, device = setup_distributed(config.device)
+    with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
+        return _train(config, resume, progress, rank, world_size, device)
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_size: int,
+           device: torch.device) -> dict:
+    run_dir = Path(config.output)
     main_rank = rank == 0
     progress = progress and main_rank
+    say = (lambda message: tqdm.write(message, file=sys.stderr)) if progress else (lambda message: None)
     if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(run_dir):
+            say(f"removed {path}, left by a write that did not finish")
+    if not resume and (checkpoints(run_dir) or (run_dir / FINAL_MODEL).exists()):
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another output")
+
+    state = None
+    if resume:
+        def report(error: CheckpointError) -> None:
+            warnings.warn(f"not resuming from {error}; trying an older checkpoint", stacklevel=4)
+
+        found = latest_intact_checkpoint(run_dir, map_location=device, report=report)
+        if found is not None:
+            source, state = found
+            check_resumable(state["train_config"], config, source)
 
     seed_everything(config.seed)
     model = build(config.model, num_classes=config.num_classes, **config.model_options).to(device)
@@ -152,107 +297,166 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                          seed=config.seed, shuffle_buffer=config.shuffle_buffer, on_error=config.on_error,
                          pin_memory=device.type == "cuda", **sampling)
     optimizer = torch.optim.Adam(model.parameters(), lr=base_lr)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
 
     step = examples_seen = start_epoch = skip_batches = 0
-    if resume and existing:
-        state = torch.load(existing[-1], map_location=device, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         step, examples_seen = state["step"], state["examples_seen"]
         start_epoch, skip_batches = state["epoch"], state["batches_in_epoch"]
         torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved the states with the weights
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all([rng.cpu() for rng in state["rng"]["cuda"]])
-        if progress:
-            tqdm.write(f"resuming {run_dir} from {existing[-1].name} (epoch {start_epoch + 1}, step {step})")
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(wrapped) if config.compile else wrapped
 
     def state_dict(epoch: int, batches_in_epoch: int) -> dict:
         return {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen, "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}}
 
-    def checkpoint(epoch: int, batches_in_epoch: int) -> None:
-        if main_rank:
-            save_checkpoint(run_dir, state_dict(epoch, batches_in_epoch), step, config.keep_checkpoints)
+    def ensure_finite_weights(what: str) -> None:
+        if (name := first_non_finite(model)) is not None:
+            last = checkpoints(run_dir)[-1:]
+            raise TrainingError(f"{name} is not finite after step {step}: {what} not written. The last good "
+                                f"checkpoint is {last[0] if last else 'none'}. Try a lower --lr or gradient clipping.")
 
-    log = MetricsLog(run_dir, after_step=step if resume else None) if main_rank else None
+    def checkpoint(epoch: int, batches_in_epoch: int) -> Path | None:
+        if not main_rank:
+            return None
+        ensure_finite_weights("checkpoint")
+        return save_checkpoint(run_dir, state_dict(epoch, batches_in_epoch), step, config.keep_checkpoints)
+
+    finished = state is not None and (start_epoch >= config.epochs or
+                                      (config.max_steps is not None and step >= config.max_steps))
+    summary = {"steps": step, "examples": examples_seen, "loss": None, "valid": None, "rank": rank,
+               "finished_before": finished}
+    if finished and (run_dir / FINAL_MODEL).exists():
+        if main_rank:
+            tqdm.write(f"{run_dir} is finished (epoch {start_epoch}, step {step}): nothing to train. Raise --epochs "
+                       f"(now {config.epochs}) or --max-steps to train it further.", file=sys.stderr)
+        return summary
+
+    train_files = expand_paths(config.train_data)
+    if progress:
+        parameters = sum(p.numel() for p in model.parameters())
+        begin = (f"resuming from {source.name} (epoch {start_epoch + 1}, step {step})" if state is not None
+                 else "new run")
+        valid = (f"; valid {len(expand_paths(config.valid_data))} shard(s)" if config.valid_data is not None
+                 else "")
+        say(f"{config.model}: {parameters / 1e6:.2f}M parameters on {device} ({config.precision}); lr {base_lr:g}, "
+            f"batch {batch_size} per rank x {world_size} rank(s); train {len(train_files)} shard(s), "
+            f"{_count_videos(train_files)}{valid}; {config.epochs} epoch(s); {begin} -> {run_dir}")
+
+    log = MetricsLog(run_dir, after_step=step) if main_rank else None
     if main_rank:
         config.dump(run_dir / CONFIG_FILE)
-    summary = {"steps": step, "examples": examples_seen, "loss": None, "valid": None, "rank": rank}
     window_start, window_examples = time.perf_counter(), 0
     try:
-        for epoch in range(start_epoch, config.epochs):
-            if config.max_steps is not None and step >= config.max_steps:  # resuming a run that is already done
-                break
-            loader.set_epoch(epoch)
-            model.train()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not progress,
-                       leave=False)
-            batches_in_epoch = 0
-            # Join lets ranks whose shards hold fewer batches finish the epoch without a hang
-            with Join([wrapped]) if world_size > 1 else contextlib.nullcontext():
-                for batch in bar:
-                    batches_in_epoch += 1
-                    if batches_in_epoch <= skip_batches:  # resuming: this data was trained on before the stop
-                        continue
-                    if len(batch["id"]) == 1 < batch_size:  # a tail batch of one video: BatchNorm cannot train on it
-                        continue
-                    batch = prepare_batch(batch, device)
-                    loss, logits, grad_norm = forward_backward(model, forward, optimizer, batch, config, device)
-                    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                        last = checkpoints(run_dir)[-1:]
-                        what = f"loss is {loss.item()}" if not torch.isfinite(loss) else \
-                            f"gradient norm is {grad_norm.item()} (loss {loss.item():.4f})"
-                        raise TrainingError(
-                            f"{what} at step {step + 1} (epoch {epoch + 1}); stopped before the update. The last "
-                            f"good checkpoint is {last[0] if last else 'none (no checkpoint written yet)'}. Try a "
-                            "lower --lr or gradient clipping.")
-                    lr = staircase_lr(config, base_lr, examples_seen)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    optimizer.step()
-                    step += 1
-                    examples_seen += len(batch["id"]) * world_size  # the decay follows all ranks' examples
-                    window_examples += len(batch["id"])
-                    summary["loss"] = loss.item()
+        with StopRequest(enabled=world_size == 1) as stop:
+            for epoch in range(start_epoch, config.epochs):
+                if config.max_steps is not None and step >= config.max_steps:  # a run stopped by max_steps
+                    break
+                loader.set_epoch(epoch)
+                model.train()
+                bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", total=_num_batches(loader),
+                           disable=not progress, leave=False, dynamic_ncols=True)
+                batches_in_epoch = epoch_steps = epoch_examples = single_videos = 0
+                epoch_start, examples_at_start = time.perf_counter(), examples_seen
+                # Join lets ranks whose shards hold fewer batches finish the epoch without a hang
+                with Join([wrapped]) if world_size > 1 else contextlib.nullcontext():
+                    for batch in loader:  # iterated here, so that data warnings name this line
+                        bar.update()
+                        batches_in_epoch += 1
+                        if batches_in_epoch <= skip_batches:  # resuming: trained on before the stop
+                            continue
+                        if len(batch["id"]) == 1 < batch_size:  # one video: BatchNorm cannot train on it
+                            single_videos += 1
+                            continue
+                        batch = prepare_batch(batch, device)
+                        loss, logits, grad_norm = forward_backward(model, forward, optimizer, batch, config, device,
+                                                                   scaler)
+                        overflow = scaler is not None and not torch.isfinite(grad_norm)  # the scaler skips it
+                        if not (torch.isfinite(loss) and (overflow or torch.isfinite(grad_norm))):
+                            last = checkpoints(run_dir)[-1:]
+                            what = f"loss is {loss.item()}" if not torch.isfinite(loss) else \
+                                f"gradient norm is {grad_norm.item()} (loss {loss.item():.4f})"
+                            raise TrainingError(
+                                f"{what} at step {step + 1} (epoch {epoch + 1}); stopped before the update. The "
+                                f"last good checkpoint is {last[0] if last else 'none (no checkpoint written yet)'}"
+                                ". Try a lower --lr or gradient clipping.")
+                        lr = staircase_lr(config, base_lr, examples_seen)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                        if scaler is not None:
+                            scaler.step(optimizer)
+                            scaler.update()
+                        else:
+                            optimizer.step()
+                        step += 1
+                        epoch_steps += 1
+                        epoch_examples += len(batch["id"])
+                        # the decay follows all ranks' examples (exact counts are summed at the epoch's end)
+                        examples_seen = examples_at_start + epoch_examples * world_size
+                        window_examples += len(batch["id"])
+                        summary["loss"] = loss.item()
+                        rate = epoch_examples / max(time.perf_counter() - epoch_start, 1e-9)
+                        bar.set_postfix(loss=f"{summary['loss']:.3f}", ex_s=f"{rate:,.0f}", refresh=False)
 
-                    if step % config.log_every == 0 and main_rank:
-                        elapsed = time.perf_counter() - window_start
-                        probabilities = torch.sigmoid(logits.detach().float()).cpu()
-                        labels = batch["labels"].cpu()
-                        log.write({"step": step, "epoch": epoch + 1, "loss": summary["loss"], "lr": lr,
-                                   "grad_norm": grad_norm.item(), "examples_per_s": window_examples / elapsed,
-                                   "batch_gap": gap(probabilities, labels),
-                                   "batch_hit_at_one": hit_at_one(probabilities, labels),
-                                   "batch_perr": perr(probabilities, labels)})
-                        bar.set_postfix(loss=f"{summary['loss']:.3f}", ex_s=f"{window_examples / elapsed:.0f}")
-                        window_start, window_examples = time.perf_counter(), 0
-                    if step % config.checkpoint_every == 0:
-                        checkpoint(epoch, batches_in_epoch)
-                    if config.max_steps is not None and step >= config.max_steps:
-                        break
-            skip_batches = 0
-            stopped = config.max_steps is not None and step >= config.max_steps
-            if config.valid_data is not None and main_rank:
-                summary["valid"] = evaluate(model, config.valid_data, config.num_classes, device,
-                                            batch_size=config.eval_batch_size, max_frames=config.max_frames,
-                                            precision=config.precision, progress=progress)
-                log.write({"step": step, "epoch": epoch + 1, **{f"valid_{k}": v for k, v in summary["valid"].items()}})
-                if progress:
-                    valid = summary["valid"]
-                    tqdm.write(f"epoch {epoch + 1}: loss {summary['loss']:.4f}  valid GAP {valid['gap']:.4f}  "
-                               f"mAP {valid['map']:.4f}  Hit@1 {valid['hit_at_one']:.4f}")
-            if world_size > 1:
-                dist.barrier()
-            if stopped:
-                checkpoint(epoch, batches_in_epoch)
-                break
-            checkpoint(epoch + 1, 0)
+                        if step % config.log_every == 0 and main_rank:
+                            elapsed = time.perf_counter() - window_start
+                            probabilities = torch.sigmoid(logits.detach().float()).cpu()
+                            labels = batch["labels"].cpu()
+                            log.write({"step": step, "epoch": epoch + 1, "loss": summary["loss"], "lr": lr,
+                                       "grad_norm": grad_norm.item(), "examples_per_s": window_examples / elapsed,
+                                       "batch_gap": gap(probabilities, labels),
+                                       "batch_hit_at_one": hit_at_one(probabilities, labels),
+                                       "batch_perr": perr(probabilities, labels)})
+                            window_start, window_examples = time.perf_counter(), 0
+                        if step % config.checkpoint_every == 0:
+                            checkpoint(epoch, batches_in_epoch)
+                        if stop.requested:
+                            path = checkpoint(epoch, batches_in_epoch)
+                            tqdm.write(f"stopped at step {step} (epoch {epoch + 1}); checkpoint {path}. Run the same "
+                                       "command with --resume to continue from it.", file=sys.stderr)
+                            raise KeyboardInterrupt
+                        if config.max_steps is not None and step >= config.max_steps:
+                            break
+                bar.close()
+                resumed_here, skip_batches = skip_batches, 0
+                epoch_examples, epoch_steps = _all_reduce_sum([epoch_examples, epoch_steps], device, world_size)
+                examples_seen = examples_at_start + epoch_examples  # exact: what the ranks trained on
+                if epoch_steps == 0 and not resumed_here:
+                    raise TrainingError(_no_data_message(loader, train_files, epoch, single_videos))
+                stopped = config.max_steps is not None and step >= config.max_steps
+                # the checkpoint comes before validation, so that a failing validation costs no training
+                if stopped:
+                    checkpoint(epoch, batches_in_epoch)
+                else:
+                    checkpoint(epoch + 1, 0)
+                if config.valid_data is not None and main_rank:
+                    summary["valid"] = evaluate(model, config.valid_data, config.num_classes, device,
+                                                batch_size=config.eval_batch_size, max_frames=config.max_frames,
+                                                precision=config.precision, progress=progress,
+                                                on_error=config.on_error)
+                    log.write({"step": step, "epoch": epoch + 1,
+                               **{f"valid_{k}": v for k, v in summary["valid"].items()}})
+                    if progress:
+                        valid = summary["valid"]
+                        say(f"epoch {epoch + 1}: loss {summary['loss']:.4f}  valid GAP {valid['gap']:.4f}  "
+                            f"mAP {valid['map']:.4f}  Hit@1 {valid['hit_at_one']:.4f}")
+                if world_size > 1:
+                    dist.barrier()
+                if stopped:
+                    break
         if main_rank:
+            ensure_finite_weights(FINAL_MODEL)
             atomic_save({"model": model.state_dict(), "model_config": model.config,
                          "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen},
                         run_dir / FINAL_MODEL)
@@ -263,8 +467,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     return summary
 
 
+def _no_data_message(loader, files: list[str], epoch: int, single_videos: int) -> str:
+    stats = loader.stats()
+    read, skipped = stats["records"], stats["skipped"]
+    why = (f"; its {single_videos} batch(es) held one video each, too few for BatchNorm: add data or lower "
+           "--batch-size" if single_videos else "")
+    return (f"no training data in epoch {epoch + 1}: {read} record(s) read and {skipped} skipped as corrupt from "
+            f"{len(files)} file(s){why}. Nothing was trained and no model was written.")
+
+
 def config_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CONFIG_FILE
 
 
-__all__ = ["TrainingError", "clip_gradients", "config_path", "forward_backward", "staircase_lr", "train"]
+__all__ = ["TrainingError", "check_resumable", "clip_gradients", "config_path", "first_non_finite",
+           "forward_backward", "staircase_lr", "train"]
