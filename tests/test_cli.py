@@ -1,8 +1,10 @@
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,14 @@ def runner() -> CliRunner:
 
 def invoke(*args: str):
     return runner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def console(*args: str) -> subprocess.CompletedProcess:
+    """`yt8m ARGS` through the installed console script, so that stdout and stderr are the real ones."""
+    script = Path(sys.executable).parent / "yt8m"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "yt8m.cli"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "default"})
 
 
 def files(corpus, level: str, split: str) -> str:
@@ -59,7 +69,7 @@ def test_synth_writes_a_corpus(tmp_path):
     assert len(train_ids) == len(set(train_ids)) == 14
     assert (tmp_path / "data" / "vocabulary.csv").exists()
     again = invoke("synth", tmp_path / "data", "--videos", 20, "--classes", 5)
-    assert again.exit_code == 2 and "already holds a corpus" in again.stderr
+    assert again.exit_code == 2 and "already holds a corpus" in again.stderr and "pass --overwrite" in again.stderr
 
 
 def test_train_writes_a_run_directory(run_dir):
@@ -85,24 +95,20 @@ def test_train_reads_a_config_file_under_the_flags(tiny_corpus, tmp_path):
 
 
 def test_eval_json_prints_one_json_object_and_nothing_else(run_dir, tiny_corpus):
-    """Through the installed console script, so that stdout is the real one."""
-    script = Path(sys.executable).parent / "yt8m"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "yt8m.cli"]
-    result = subprocess.run([*command, "eval", str(run_dir), "--data", files(tiny_corpus, "frame", "validate"),
-                             "--json"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONWARNINGS": "default"})
+    result = console("eval", run_dir, "--data", files(tiny_corpus, "frame", "validate"), "--json")
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n") and result.stdout.count("\n") == 1
     scores = json.loads(result.stdout)
-    assert set(scores) == {"gap", "map", "hit_at_one", "perr", "num_videos"}
-    assert scores["num_videos"] == 16
+    assert set(scores) == {"gap", "map", "hit_at_one", "perr", "num_videos", "num_labeled"}
+    assert scores["num_videos"] == scores["num_labeled"] == 16
+    assert "labels" not in result.stderr
     assert all(0.0 <= scores[key] <= 1.0 for key in ("gap", "map", "hit_at_one", "perr"))
 
 
 def test_eval_prints_a_summary_line(run_dir, tiny_corpus):
     result = invoke("eval", run_dir, "--data", files(tiny_corpus, "frame", "validate"), "--top-k", 5)
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("GAP@5 ") and "(16 videos)" in result.stdout
+    assert result.stdout.startswith("GAP@5 ") and "(16 videos)" in result.stdout  # all labeled: no count
     json_result = invoke("eval", run_dir, "--data", files(tiny_corpus, "frame", "validate"), "--json")
     assert json.loads(json_result.stdout)["num_videos"] == 16
 
@@ -147,46 +153,135 @@ def test_resume_continues_a_run(tiny_corpus, tmp_path):
     assert "trained dbof: 14 steps, 112 examples" in finished.stdout
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("unknown model", "unknown model 'nope'; known models: " + ", ".join(available())),
-    ("empty glob", "no TFRecord files match"),
-    ("too few classes", "outside [0, 5)"),
-    ("set without =", "--set expects key=value, got 'epochs'"),
-    ("unknown key", "unknown config key(s) ['epoch']"),
-    ("unknown model option", "model 'dbof' has no option(s) ['clusters']; options:"),
-    ("bad value", "clip must be one of"),
-])
-def test_train_usage_errors(tiny_corpus, tmp_path, case, expected):
-    train_data = files(tiny_corpus, "frame", "train")
-    args = {
-        "unknown model": ["train", "nope", "--train-data", train_data, "--output", tmp_path / "r"],
-        "empty glob": ["train", "dbof", "--train-data", tmp_path / "missing*.tfrecord", "--output", tmp_path / "r"],
-        "too few classes": train_args(tiny_corpus, tmp_path / "r", "--num-classes", 5),
-        "set without =": train_args(tiny_corpus, tmp_path / "r", "--set", "epochs"),
-        "unknown key": train_args(tiny_corpus, tmp_path / "r", "--set", "epoch=2"),
-        "unknown model option": train_args(tiny_corpus, tmp_path / "r", "--set", "model_options.clusters=2"),
-        "bad value": train_args(tiny_corpus, tmp_path / "r", "--set", "clip=norm"),
-    }[case]
-    result = invoke(*args)
+TRAIN = ["train", "dbof", "--train-data", "{frame_train}", "--output", "{tmp}/r", "--num-classes", "12", "--quiet",
+         *SMALL_DBOF, "--set", "epochs=1"]
+RESUME = ["train", "dbof", "--train-data", "{frame_train}", "--output", "{run_copy}", "--num-classes", "12",
+          "--quiet", "--resume"]
+EVAL = ["eval", "{run}", "--data", "{frame_validate}"]
+PREDICT = ["predict", "{run}", "--data", "{frame_test}", "--output", "{tmp}/sub.csv"]
+
+
+def setting(*assignments: str) -> list[str]:
+    return [*TRAIN, *(part for assignment in assignments for part in ("--set", assignment))]
+
+
+BAD_INPUTS = [  # (arguments, what the message says); every one exits 2 without a traceback
+    # config keys of the wrong type, or out of range
+    pytest.param(setting("epochs=abc"), "epochs: expected int, found 'abc' (str)", id="epochs=abc"),
+    pytest.param(setting("epochs="), "epochs: expected int, found None", id="epochs="),
+    pytest.param(setting("epochs=1.5"), "epochs: expected int, found 1.5", id="epochs=1.5"),
+    pytest.param(setting("epochs=true"), "epochs: expected int, found True", id="epochs=true"),
+    pytest.param(setting("lr=abc"), "lr: expected float | None, found 'abc'", id="lr=abc"),
+    pytest.param(setting("clip_norm=abc"), "clip_norm: expected float, found 'abc'", id="clip_norm=abc"),
+    pytest.param(setting("batch_size=abc"), "batch_size: expected int | None, found 'abc'", id="batch_size=abc"),
+    pytest.param(setting("batch_size=1.5"), "batch_size: expected int | None, found 1.5", id="batch_size=1.5"),
+    pytest.param(setting("valid_data=5"), "valid_data: expected str | list[str] | None, found 5", id="valid_data=5"),
+    pytest.param(setting("model_options=5"), "model_options: expected dict, found 5", id="model_options=5"),
+    pytest.param(setting("epochs.x=1"), "--set epochs.x=1: epochs takes int, not a mapping", id="epochs.x=1"),
+    pytest.param(setting("epoch=2"), "unknown config key(s) ['epoch']", id="unknown key"),
+    pytest.param(setting("epochs"), "--set expects key=value, got 'epochs'", id="set without ="),
+    pytest.param(setting("clip=norm"), "clip must be one of", id="clip=norm"),
+    pytest.param(setting("precision=fp8"), "precision must be one of ('fp32', 'bf16', 'fp16')", id="precision=fp8"),
+    pytest.param(setting("on_error=ignore"), "on_error must be one of", id="on_error=ignore"),
+    pytest.param(setting("num_workers=-1"), "num_workers must be >= 0", id="num_workers=-1"),
+    pytest.param([*TRAIN, "--max-steps", "0"], "max_steps must be >= 1", id="--max-steps 0"),
+    # numbers that are not finite, or not finite in the float32 that training computes in
+    pytest.param([*TRAIN, "--lr", "1e39"], "lr: expected a finite number within the float32 range", id="--lr 1e39"),
+    pytest.param([*TRAIN, "--lr", "inf"], "lr: expected a finite number", id="--lr inf"),
+    pytest.param([*TRAIN, "--lr", "nan"], "lr: expected a finite number", id="--lr nan"),
+    pytest.param(setting("l2=1e39"), "l2: expected a finite number", id="l2=1e39"),
+    pytest.param(setting("clip_norm=.inf"), "clip_norm: expected a finite number", id="clip_norm=.inf"),
+    # devices
+    pytest.param(setting("device=foo"), "device must be one of auto, cpu, cuda, cuda:N or mps, got 'foo'",
+                 id="device=foo"),
+    pytest.param(setting("device=cuda"), "device 'cuda': no CUDA GPU is available", id="device=cuda"),
+    pytest.param(setting("device=cuda:3"), "device 'cuda:3'", id="device=cuda:3"),
+    # model options
+    pytest.param(setting("model_options.num_mixtures=abc"), "model_options.num_mixtures: expected int, found 'abc'",
+                 id="num_mixtures=abc"),
+    pytest.param(setting("model_options.num_mixtures=-2"), "model_options.num_mixtures: expected a positive int",
+                 id="num_mixtures=-2"),
+    pytest.param(setting("model_options.hidden_size=abc"), "model_options.hidden_size: expected int, found 'abc'",
+                 id="hidden_size=abc"),
+    pytest.param(setting("model_options.audio_dim=0"),
+                 "model_options.audio_dim: expected a positive int (a size or count), found 0",
+                 id="audio_dim=0"),
+    pytest.param(setting("model_options.add_batch_norm=2"), "model_options.add_batch_norm: expected bool, found 2",
+                 id="add_batch_norm=2"),
+    pytest.param(setting("model_options.activation=foo"), "model 'dbof' cannot be built with model_options",
+                 id="activation=foo"),
+    pytest.param(setting("model_options.clusters=2"), "model 'dbof' has no option(s) ['clusters']; options:",
+                 id="unknown model option"),
+    pytest.param(setting("model_options.num_classes=3"), "model 'dbof' has no option(s) ['num_classes']",
+                 id="model_options.num_classes"),
+    # other train inputs
+    pytest.param(["train", "nope", "--train-data", "{frame_train}", "--output", "{tmp}/r"],
+                 "unknown model 'nope'; known models: " + ", ".join(available()), id="unknown model"),
+    pytest.param(["train", "dbof", "--train-data", "{tmp}/missing*.tfrecord", "--output", "{tmp}/r"],
+                 "no TFRecord files match", id="empty glob"),
+    pytest.param([*TRAIN, "--num-classes", "5"], "outside [0, 5)", id="too few classes"),
+    pytest.param(["train", "moe", "--train-data", "{video_train}", "--output", "{run_copy}", "--num-classes", "12",
+                  "--resume", "--quiet"], "model: the run has 'dbof', this command 'moe'", id="resume another model"),
+    pytest.param([*RESUME, "--num-classes", "10"], "num_classes: the run has 12, this command 10",
+                 id="resume other classes"),
+    pytest.param([*RESUME, "--set", "model_options.cluster_size=32"], "model_options: the run has",
+                 id="resume other model options"),
+    # eval
+    pytest.param([*EVAL, "--device", "foo"], "device must be one of auto, cpu, cuda, cuda:N or mps",
+                 id="eval --device foo"),
+    pytest.param([*EVAL, "--device", "cuda"], "device 'cuda': no CUDA GPU", id="eval --device cuda"),
+    pytest.param([*EVAL, "--top-k", "0"], "'--top-k': 0 is not in the range x>=1", id="eval --top-k 0"),
+    pytest.param([*EVAL, "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1", id="eval --batch-size 0"),
+    pytest.param(["eval", "{tmp}/no_run", "--data", "{frame_validate}"], "no run directory or checkpoint file at",
+                 id="eval missing run"),
+    pytest.param(["eval", "{run}", "--data", "{tmp}/none*.tfrecord"], "no TFRecord files match", id="eval empty glob"),
+    pytest.param(["eval", "{tmp}/untrained", "--data", "{frame_validate}"], "no model.pt and no checkpoint",
+                 id="eval untrained"),
+    pytest.param(["eval", "{run}", "--data", "{tmp}/empty.tfrecord"], "no video to score in 1 file(s)",
+                 id="eval on an empty shard"),
+    pytest.param(["eval", "{tmp}/bogus.pt", "--data", "{frame_validate}"], "bogus.pt: ", id="eval not a model file"),
+    # predict
+    pytest.param([*PREDICT, "--top-k", "-1"], "'--top-k': -1 is not in the range x>=1", id="predict --top-k -1"),
+    pytest.param([*PREDICT, "--top-k", "0"], "'--top-k': 0 is not in the range x>=1", id="predict --top-k 0"),
+    pytest.param([*PREDICT, "--device", "foo"], "device must be one of", id="predict --device foo"),
+    pytest.param([*PREDICT[:-1], "{tmp}/existing.csv"], "existing.csv already exists; pass --overwrite",
+                 id="predict over an existing file"),
+    pytest.param(["predict", "{run_copy}", "--data", "{frame_test}", "--output", "{run_copy}/model.pt", "--overwrite"],
+                 "refusing to write", id="predict over the run's model"),
+    pytest.param(["predict", "{run}", "--data", "{test_shard}", "--output", "{test_shard}", "--overwrite"],
+                 "it is the input file", id="predict over its input"),
+    pytest.param(["predict", "{tmp}/no_run", "--data", "{frame_test}", "--output", "{tmp}/sub.csv"],
+                 "no run directory or checkpoint file at", id="predict missing run"),
+    pytest.param(["predict", "{tmp}/untrained", "--data", "{frame_test}", "--output", "{tmp}/sub.csv"],
+                 "no model.pt and no checkpoint", id="predict untrained"),
+    # synth
+    pytest.param(["synth", "{corpus}"], "pass --overwrite", id="synth over a corpus"),
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_INPUTS)
+def test_bad_input_exits_2_with_a_message_and_no_traceback(run_dir, tiny_corpus, tmp_path, monkeypatch, args,
+                                                           expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # `cuda` is refused alike on every machine
+    (tmp_path / "existing.csv").write_text("keep me\n")
+    (tmp_path / "untrained").mkdir()
+    (tmp_path / "bogus.pt").write_bytes(b"not a model")
+    (tmp_path / "empty.tfrecord").write_bytes(b"")
+    paths = {"tmp": tmp_path, "run": run_dir, "run_copy": tmp_path / "run_copy", "corpus": tiny_corpus.out_dir,
+             "frame_train": files(tiny_corpus, "frame", "train"), "video_train": files(tiny_corpus, "video", "train"),
+             "frame_validate": files(tiny_corpus, "frame", "validate"),
+             "frame_test": files(tiny_corpus, "frame", "test"),
+             "test_shard": tiny_corpus.files["frame"]["test"][0]}
+    if any("{run_copy}" in arg for arg in args):  # a run of its own: a failing check must not spoil the shared one
+        shutil.copytree(run_dir, paths["run_copy"])
+    result = runner().invoke(main, [arg.format(**paths) for arg in args], catch_exceptions=True)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
+        "".join(traceback.format_exception(result.exception))
     assert result.exit_code == 2, result.output
     assert expected in result.stderr
-    assert not (tmp_path / "r" / "model.pt").exists()
-    if case == "too few classes":
-        assert "--num-classes" in result.stderr
-
-
-@pytest.mark.parametrize("command", ["eval", "predict"])
-def test_eval_and_predict_usage_errors(run_dir, tiny_corpus, tmp_path, command):
-    extra = ["--output", tmp_path / "sub.csv"] if command == "predict" else []
-    missing = invoke(command, tmp_path / "no_run", "--data", files(tiny_corpus, "frame", "test"), *extra)
-    assert missing.exit_code == 2 and "run directory not found" in missing.stderr
-    empty = invoke(command, run_dir, "--data", tmp_path / "none*.tfrecord", *extra)
-    assert empty.exit_code == 2 and "no TFRecord files match" in empty.stderr
-    untrained = tmp_path / "untrained"
-    untrained.mkdir()
-    nothing = invoke(command, untrained, "--data", files(tiny_corpus, "frame", "test"), *extra)
-    assert nothing.exit_code == 2 and "no model.pt and no checkpoint" in nothing.stderr
-    assert not (tmp_path / "sub.csv").exists()
+    assert "Traceback" not in result.stdout + result.stderr
+    assert (tmp_path / "existing.csv").read_text() == "keep me\n"
+    assert not (tmp_path / "r" / "model.pt").exists() and not (tmp_path / "sub.csv").exists()
 
 
 def test_eval_and_predict_reject_data_with_more_classes_than_the_model(tiny_corpus, tmp_path):
@@ -226,3 +321,104 @@ def test_version_and_help():
     help_text = invoke("--help").stdout
     for command in ("synth", "train", "eval", "predict", "models", "quickstart"):
         assert command in help_text
+
+
+def test_usage_errors_do_not_hide_bugs(run_dir, tiny_corpus, monkeypatch):
+    """A ValueError raised outside yt8m's own checks is a bug: it keeps its traceback (exit 1)."""
+    def broken_evaluate(*args, **kwargs):
+        return int("a bug")
+
+    monkeypatch.setattr("yt8m.train.evaluate", broken_evaluate)
+    result = runner().invoke(main, ["eval", str(run_dir), "--data", files(tiny_corpus, "frame", "validate")])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+
+
+@pytest.mark.parametrize("target", ["model.pt", "./model.pt", "a link to model.pt", "a new file in the run",
+                                    "checkpoint as RUN", "an input shard", "a link to an input shard"])
+def test_predict_never_writes_over_the_run_or_its_inputs(run_dir, tiny_corpus, tmp_path, target):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shard = Path(tiny_corpus.files["frame"]["test"][0])
+    checkpoint = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    (tmp_path / "model-link.pt").symlink_to(run / "model.pt")
+    (tmp_path / "shard-link.tfrecord").symlink_to(shard)
+    source, output = {
+        "model.pt": (run, run / "model.pt"),
+        "./model.pt": (run, Path(os.path.relpath(run, Path.cwd())) / "checkpoints" / ".." / "." / "model.pt"),
+        "a link to model.pt": (run, tmp_path / "model-link.pt"),
+        "a new file in the run": (run, run / "checkpoints" / "sub.csv"),
+        "checkpoint as RUN": (checkpoint, run / "sub.csv"),
+        "an input shard": (run, shard),
+        "a link to an input shard": (run, tmp_path / "shard-link.tfrecord"),
+    }[target]
+    before = {path: path.read_bytes() for path in [*run.rglob("*"), shard] if path.is_file()}
+    result = invoke("predict", source, "--data", files(tiny_corpus, "frame", "test"), "--output", output, "--overwrite")
+    assert result.exit_code == 2 and "refusing to write" in result.stderr, result.output
+    assert {path: path.read_bytes() for path in [*run.rglob("*"), shard] if path.is_file()} == before
+
+
+def test_predict_replaces_an_existing_file_only_with_overwrite(run_dir, tiny_corpus, tmp_path):
+    output = tmp_path / "sub.csv"
+    output.write_text("an earlier submission\n")
+    args = ["predict", run_dir, "--data", files(tiny_corpus, "frame", "test"), "--output", output]
+    refused = invoke(*args)
+    assert refused.exit_code == 2 and "pass --overwrite" in refused.stderr
+    assert output.read_text() == "an earlier submission\n"
+    replaced = invoke(*args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert len(read_submission(output)) == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["sub.csv"]  # no temporary file left
+
+
+def test_data_options_take_several_patterns(run_dir, tiny_corpus, tmp_path):
+    validate, train = files(tiny_corpus, "frame", "validate"), files(tiny_corpus, "frame", "train")
+    repeated = invoke("eval", run_dir, "--data", validate, "--data", train, "--json")
+    commas = invoke("eval", run_dir, "--data", f"{validate},{train}", "--json")
+    assert json.loads(repeated.stdout) == json.loads(commas.stdout)
+    assert json.loads(commas.stdout)["num_videos"] == 16 + 56
+    output = tmp_path / "sub.csv"
+    predicted = invoke("predict", run_dir, "--data", f"{files(tiny_corpus, 'frame', 'test')},{validate}",
+                       "--output", output)
+    assert predicted.exit_code == 0 and "wrote 24 videos" in predicted.stdout
+
+    shards = [str(p) for p in tiny_corpus.files["video"]["train"]]  # 16, 16, 16 and 8 videos
+    result = invoke("train", "moe", "--train-data", f"{shards[0]},{shards[1]}", "--train-data", shards[3],
+                    "--valid-data", shards[2], "--valid-data", files(tiny_corpus, "video", "validate"),
+                    "--output", tmp_path / "run", "--num-classes", NUM_CLASSES, "--epochs", 1, "--batch-size", 8,
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "trained moe: 5 steps, 40 examples" in result.stdout
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["train_data"] == [shards[0], shards[1], shards[3]]
+    valid = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "valid_gap" in line]
+    assert valid[-1]["valid_num_videos"] == 16 + 16
+
+
+def test_eval_and_predict_take_a_checkpoint_or_model_file(run_dir, tiny_corpus, tmp_path):
+    validate = files(tiny_corpus, "frame", "validate")
+    last_checkpoint = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]  # step 7: the final weights
+    scores = [json.loads(invoke("eval", source, "--data", validate, "--json").stdout)
+              for source in (run_dir, run_dir / "model.pt", last_checkpoint)]
+    assert scores[0] == scores[1] == scores[2]
+    result = invoke("predict", last_checkpoint, "--data", files(tiny_corpus, "frame", "test"),
+                    "--output", tmp_path / "sub.csv")
+    assert result.exit_code == 0 and "wrote 8 videos" in result.stdout
+
+
+def test_train_max_steps_flag(tiny_corpus, tmp_path):
+    result = invoke(*train_args(tiny_corpus, tmp_path / "run", "--max-steps", 3))
+    assert result.exit_code == 0, result.output
+    assert "trained dbof: 3 steps, 24 examples" in result.stdout
+
+
+def test_eval_on_unlabeled_data_warns_and_counts_the_labeled_videos(run_dir, tiny_corpus):
+    test = files(tiny_corpus, "frame", "test")  # the test split has no labels, as on Kaggle
+    result = console("eval", run_dir, "--data", test, "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert (scores["num_videos"], scores["num_labeled"]) == (8, 0)
+    assert "only 0 of 8 videos have labels" in result.stderr
+    with pytest.warns(UserWarning, match="only 0 of 8 videos have labels"):
+        summary = invoke("eval", run_dir, "--data", test)
+    assert "(8 videos, 0 with labels)" in summary.stdout

@@ -17,18 +17,32 @@ import click  # noqa: E402
 
 from yt8m import __version__  # noqa: E402
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
 
 def usage_errors(command):
-    """Turns the library's argument and input errors into clean CLI errors (exit code 2)."""
+    """Turns the checks of yt8m's own code on arguments and input (FileNotFoundError, FileExistsError,
+    ValueError) into clean CLI errors (exit code 2). The same errors raised inside a library that
+    yt8m calls are bugs, not bad input: they keep their traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except (FileNotFoundError, FileExistsError, ValueError) as error:
+            if not _raised_by_yt8m(error):
+                raise
             raise click.UsageError(str(error)) from error
 
     return wrapper
+
+
+def _raised_by_yt8m(error: BaseException) -> bool:
+    """Whether the innermost frame of `error`'s traceback runs yt8m's code (a deliberate check)."""
+    trace = error.__traceback__
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return Path(trace.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,11 +76,19 @@ def synth(out: Path, num_videos: int, num_classes: int, seed: int, shard_size: i
                f"in {time.perf_counter() - start:.1f} s")
 
 
-def _resolve_data(pattern: str, what: str) -> list[str]:
+DATA_HELP = "a path, glob or directory; for several, repeat the flag or separate them with commas"
+
+
+def _patterns(values: tuple[str, ...]) -> list[str]:
+    """The patterns of a repeatable data option, each occurrence split at its commas."""
+    return [pattern for value in values for pattern in value.split(",") if pattern]
+
+
+def _resolve_data(patterns: list[str], what: str) -> list[str]:
     from yt8m.data import expand_paths
 
     try:
-        return expand_paths(pattern)
+        return expand_paths(patterns)
     except FileNotFoundError as error:
         raise click.BadParameter(str(error), param_hint=what) from None
 
@@ -80,15 +102,42 @@ def _check_model(name: str) -> None:
         raise click.BadParameter(str(error), param_hint="MODEL") from None
 
 
-def _load_run(run_dir: Path, data: str, device: str):
-    """(the trained model of RUN_DIR on its device, the files of --data, the device)."""
+def _load_run(run: Path, data: tuple[str, ...], device: str):
+    """(the trained model of RUN on its device, the files of --data, the device)."""
     from yt8m.train import load_model, resolve_device
 
-    if not run_dir.is_dir():
-        raise click.BadParameter(f"run directory not found: {run_dir}", param_hint="RUN_DIR")
-    files = _resolve_data(data, "--data")
+    if not run.exists():
+        raise click.BadParameter(f"no run directory or checkpoint file at {run}", param_hint="RUN")
     target = resolve_device(device)
-    return load_model(run_dir, map_location=target).to(target), files, target
+    files = _resolve_data(_patterns(data), "--data")
+    return load_model(run, map_location=target).to(target), files, target
+
+
+def _run_of(source: Path) -> Path:
+    """The run directory that `source` (a run directory, or a checkpoint or model file) belongs to;
+    a model file outside any run stands for itself."""
+    from yt8m.train.checkpoint import CHECKPOINT_DIR
+    from yt8m.train.loop import config_path
+
+    if source.is_dir():
+        return source
+    if source.parent.name == CHECKPOINT_DIR:
+        return source.parent.parent
+    return source.parent if config_path(source.parent).exists() else source
+
+
+def _run_config(output: Path, model: str, num_classes: int | None) -> dict:
+    """The config keys of the run in `output`, to resume it; refuses another model or class count."""
+    from yt8m.train import load_yaml
+    from yt8m.train.loop import config_path
+
+    values = load_yaml(config_path(output))
+    for key, flag, given in (("model", "MODEL", model), ("num_classes", "--num-classes", num_classes)):
+        if given is not None and key in values and values[key] != given:
+            raise ValueError(f"cannot resume {output} with a different configuration: {key}: the run has "
+                             f"{values[key]!r}, this command {given!r} ({flag}); resume with the run's settings, or "
+                             "train into a new --output")
+    return values
 
 
 def _data_errors(run):
@@ -106,14 +155,15 @@ def _data_errors(run):
 
 @main.command()
 @click.argument("model")
-@click.option("--train-data", required=True, help="Training TFRecords: a path, glob or directory.")
+@click.option("--train-data", required=True, multiple=True, help=f"Training TFRecords: {DATA_HELP}.")
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory: config, checkpoints, metrics log, final model.")
-@click.option("--valid-data", default=None, help="Validation TFRecords, scored after every epoch.")
+@click.option("--valid-data", multiple=True, help=f"Validation TFRecords, scored after every epoch: {DATA_HELP}.")
 @click.option("--num-classes", type=int, default=None, help="Classes in the data [default: 3862].")
 @click.option("--epochs", type=int, default=None, help="Passes over the training data [default: 5].")
 @click.option("--batch-size", type=int, default=None, help="[default: 1024 video level, 128 frame level]")
 @click.option("--lr", type=float, default=None, help="Base learning rate [default: the model's, 0.01 mostly].")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps in all [default: every epoch].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML file of training config keys.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
@@ -121,28 +171,36 @@ def _data_errors(run):
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its latest checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @usage_errors
-def train(model: str, train_data: str, output: Path, valid_data: str | None, num_classes: int | None,
-          epochs: int | None, batch_size: int | None, lr: float | None, config_file: Path | None,
-          assignments: tuple[str, ...], resume: bool, quiet: bool) -> None:
-    """Train MODEL (see `yt8m models`) on --train-data; the record level follows from the model."""
-    from yt8m.train import TrainConfig, TrainingError, apply_overrides, load_yaml
+def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...],
+          num_classes: int | None, epochs: int | None, batch_size: int | None, lr: float | None,
+          max_steps: int | None, config_file: Path | None, assignments: tuple[str, ...], resume: bool,
+          quiet: bool) -> None:
+    """Train MODEL (see `yt8m models`) on --train-data; the record level follows from the model.
+
+    Every config key and model option is checked before anything runs.
+    """
+    from yt8m.train import TrainConfig, TrainingError, apply_overrides, load_yaml, resolve_device
     from yt8m.train import train as run_training
+    from yt8m.train.config import validate_model_options
     from yt8m.train.loop import config_path
 
     _check_model(model)
-    _resolve_data(train_data, "--train-data")
-    if valid_data:
-        _resolve_data(valid_data, "--valid-data")
+    train_patterns, valid_patterns = _patterns(train_data), _patterns(valid_data) or None
+    _resolve_data(train_patterns, "--train-data")
+    if valid_patterns:
+        _resolve_data(valid_patterns, "--valid-data")
     values = {}
     if resume and config_path(output).exists():
-        values = load_yaml(config_path(output))
+        values = _run_config(output, model, num_classes)
     if config_file:
         values.update(load_yaml(config_file))
     values = apply_overrides(values, list(assignments))
-    flags = {"model": model, "train_data": train_data, "output": str(output), "valid_data": valid_data,
-             "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr}
+    flags = {"model": model, "train_data": train_patterns, "output": str(output), "valid_data": valid_patterns,
+             "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_steps": max_steps}
     values.update({key: value for key, value in flags.items() if value is not None})
     config = TrainConfig.from_dict(values)
+    validate_model_options(config.model, config.model_options, config.num_classes)
+    resolve_device(config.device)
     start = time.perf_counter()
     try:
         summary = _data_errors(lambda: run_training(config, resume=resume, progress=not quiet))
@@ -157,44 +215,59 @@ def train(model: str, train_data: str, output: Path, valid_data: str | None, num
                f"{loss}{scores}, in {time.perf_counter() - start:.0f} s -> {output}")
 
 
+POSITIVE = click.IntRange(min=1)
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
+
+
 @main.command("eval")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="TFRecords to score: a path, glob or directory.")
-@click.option("--top-k", default=20, show_default=True, help="k of GAP@k.")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--data", required=True, multiple=True, help=f"TFRecords to score: {DATA_HELP}.")
+@click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="k of GAP@k.")
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @usage_errors
-def evaluate_command(run_dir: Path, data: str, top_k: int, batch_size: int, device: str, as_json: bool) -> None:
-    """Score the model of RUN_DIR on --data: GAP@20, mAP, Hit@1, PERR."""
+def evaluate_command(run: Path, data: tuple[str, ...], top_k: int, batch_size: int, device: str,
+                     as_json: bool) -> None:
+    """Score the model of RUN (a run directory, or a checkpoint or model file) on --data: GAP@20, mAP,
+    Hit@1, PERR. Warns when some videos have no labels."""
     import json
 
     from yt8m.train import evaluate
 
-    model, files, target = _load_run(run_dir, data, device)
+    model, files, target = _load_run(run, data, device)
     scores = _data_errors(lambda: evaluate(model, files, model.num_classes, target, top_k=top_k,
                                            batch_size=batch_size, progress=not as_json))
+    if scores["num_videos"] == 0:
+        raise click.BadParameter(f"no video to score in {len(files)} file(s): they hold no records",
+                                 param_hint="--data")
     if as_json:
         click.echo(json.dumps(scores))
     else:
+        labeled = f", {scores['num_labeled']} with labels" if scores["num_labeled"] < scores["num_videos"] else ""
         click.echo(f"GAP@{top_k} {scores['gap']:.4f}  mAP {scores['map']:.4f}  Hit@1 {scores['hit_at_one']:.4f}  "
-                   f"PERR {scores['perr']:.4f}  ({scores['num_videos']} videos)")
+                   f"PERR {scores['perr']:.4f}  ({scores['num_videos']} videos{labeled})")
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="TFRecords to predict: a path, glob or directory.")
-@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The CSV to write.")
-@click.option("--top-k", default=20, show_default=True, help="Classes per video.")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--data", required=True, multiple=True, help=f"TFRecords to predict: {DATA_HELP}.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The CSV to write; never an input file or a file of the run.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="Classes per video.")
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @usage_errors
-def predict(run_dir: Path, data: str, output: Path, top_k: int, batch_size: int, device: str) -> None:
-    """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) for --data."""
+def predict(run: Path, data: tuple[str, ...], output: Path, overwrite: bool, top_k: int, batch_size: int,
+            device: str) -> None:
+    """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) of the model of RUN (a run
+    directory, or a checkpoint or model file) for --data."""
     from yt8m.train import write_submission
 
-    model, files, target = _load_run(run_dir, data, device)
+    model, files, target = _load_run(run, data, device)
     count = _data_errors(lambda: write_submission(model, files, output, model.num_classes, target, top_k=top_k,
+                                                  overwrite=overwrite, protect=[_run_of(run)],
                                                   batch_size=batch_size))
     click.echo(f"wrote {count} videos to {output}")
 
@@ -247,7 +320,7 @@ def quickstart(workdir: Path, videos: int, epochs: int) -> None:
     scores = evaluate(model, [str(p) for p in valid_files], info.num_classes, device)
     click.echo(f"[4/4] predicting the test split -> {submission}")
     count = write_submission(model, [str(p) for p in info.files["frame"]["test"]], submission, info.num_classes,
-                             device)
+                             device, overwrite=True)
     click.echo(f"validate: GAP {scores['gap']:.4f}  mAP {scores['map']:.4f}  Hit@1 {scores['hit_at_one']:.4f}  "
                f"PERR {scores['perr']:.4f} ({scores['num_videos']} videos); {count} test videos predicted")
     click.echo(f"corpus {corpus}  run {run_dir}  submission {submission}  "
