@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,91 @@ def test_masked_batch_norm_uses_the_statistics_of_the_real_frames():
     torch.testing.assert_close(out[mask], expected, rtol=1e-4, atol=1e-5)
     assert torch.all(out[~mask] == 0)
     torch.testing.assert_close(norm.running_mean, 0.1 * real.mean(0))
+
+
+def boolean_indexing_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference: `norm` itself on the real frames gathered by boolean indexing (masked_batch_norm
+    until it was rewritten with masked sums for torch.export and torch.compile)."""
+    out = torch.zeros_like(x)
+    out[mask] = norm(x[mask]).to(out.dtype)
+    return out
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_masked_batch_norm_agrees_with_batch_norm_on_the_gathered_real_frames(mode, affine, momentum, autocast):
+    torch.manual_seed(0)
+    projection = nn.Linear(6, 4)  # gives bf16 frames under autocast, as in the models
+    reference = nn.BatchNorm1d(4, momentum=momentum, affine=affine).train(mode == "train")
+    with torch.no_grad():
+        reference.running_mean.uniform_(-1, 1)
+        reference.running_var.uniform_(0.5, 2)
+        if affine:
+            reference.weight.uniform_(0.5, 2)
+            reference.bias.uniform_(-1, 1)
+    norm = copy.deepcopy(reference)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    for step, num_frames in enumerate([[2, 5, 0, 7], [7, 7, 7, 7], [1, 0, 0, 3]]):
+        frames, counts = padded(num_frames, dim=6, seed=step)
+        frames = 3 * frames.clamp(max=10) + 1  # an offset and a scale for the statistics to remove
+        mask = frame_mask(counts, 7)
+        outputs, gradients = [], []
+        for module in (reference, norm):
+            x = frames.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                projected = projection(x)
+                batch_norm = boolean_indexing_batch_norm if module is reference else masked_batch_norm
+                out = batch_norm(module, projected, mask)
+            (out.float() * torch.linspace(-1, 1, 4)).sum().backward()
+            outputs.append(out)
+            gradients.append([x.grad] + [p.grad for p in module.parameters()])
+            module.zero_grad()
+        assert outputs[1].dtype == outputs[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+        torch.testing.assert_close(outputs[1], outputs[0], **tolerance)
+        assert torch.all(outputs[1][~mask] == 0)
+        for got, expected in zip(gradients[1], gradients[0]):
+            torch.testing.assert_close(got, expected, **tolerance)
+        for name, buffer in reference.named_buffers():
+            torch.testing.assert_close(dict(norm.named_buffers())[name], buffer, rtol=1e-5, atol=1e-5)
+    if mode == "train":
+        assert norm.num_batches_tracked == 3
+
+
+def test_masked_batch_norm_without_running_statistics_uses_the_batch_in_eval_mode_too():
+    x, counts = padded([2, 5, 0, 7], dim=4)
+    mask = frame_mask(counts, 7)
+    norm = nn.BatchNorm1d(4, track_running_stats=False).eval()
+    torch.testing.assert_close(masked_batch_norm(norm, x, mask), boolean_indexing_batch_norm(norm, x, mask))
+
+
+@pytest.mark.parametrize("num_frames", [[0, 0], [1, 0]], ids=["no-frame", "one-frame"])
+def test_masked_batch_norm_keeps_its_running_statistics_without_two_real_frames(num_frames):
+    """nn.BatchNorm1d refuses to train on one value per channel; the masked one leaves its estimates as they are."""
+    x, counts = padded(num_frames, dim=4)
+    mask = frame_mask(counts, 7)
+    norm = nn.BatchNorm1d(4).train()
+    with torch.no_grad():
+        norm.bias.uniform_(-1, 1)
+    out = masked_batch_norm(norm, x, mask)
+    assert torch.all(out[~mask] == 0)
+    torch.testing.assert_close(out[mask], norm.bias.detach().expand(int(mask.sum()), 4))  # x - mean(x) = 0
+    assert torch.equal(norm.running_mean, torch.zeros(4)) and torch.equal(norm.running_var, torch.ones(4))
+    assert norm.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_frame_context_gating_normalises_over_the_real_frames_only(mode):
+    torch.manual_seed(0)
+    gating = ContextGating(4).train(mode == "train")
+    reference = copy.deepcopy(gating)
+    x, counts = padded([2, 5, 0, 7], dim=4)
+    mask = frame_mask(counts, 7)
+    expected = torch.zeros_like(x)
+    expected[mask] = reference(x[mask])
+    torch.testing.assert_close(gating(x, mask), expected)
+    torch.testing.assert_close(gating.norm.running_mean, reference.norm.running_mean)
 
 
 def test_context_gating_matches_its_formula():

@@ -1,5 +1,8 @@
 import pytest
 import torch
+from torch import nn
+from torch.export import Dim
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models import VideoClassifier, available, build, entry
@@ -114,6 +117,56 @@ def test_eval_output_of_a_video_does_not_depend_on_the_rest_of_the_batch(name):
         shuffled = model(rgb[order], audio[order], num_frames[order])
     torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shuffled, together[order], rtol=1e-5, atol=1e-5)
+
+
+def export_shapes(model: VideoClassifier) -> tuple[dict, ...]:
+    """Dynamic batch for every model, dynamic frames for the frame-level ones except recurrent models
+    (torch.export unrolls nn.LSTM and nn.GRU over time, so their frame count is fixed at export)."""
+    batch, frames = Dim("batch", min=1), Dim("frames", min=1)
+    if model.level == "video":
+        return {0: batch}, {0: batch}, {0: batch}
+    if any(isinstance(module, nn.RNNBase) for module in model.modules()):
+        return {0: batch}, {0: batch}, {0: batch}
+    return {0: batch, 1: frames}, {0: batch, 1: frames}, {0: batch}
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")  # nn.LSTM's own, harmless
+@pytest.mark.parametrize("name", available())
+def test_every_model_exports_and_the_program_agrees_with_eager(name):
+    model = warmed_up(name)
+    shapes = export_shapes(model)
+    program = torch.export.export(model, inputs(model), dynamic_shapes=shapes).module()
+    batches = [inputs(model), inputs(model, num_frames=torch.tensor([6]), seed=1)]  # another batch size
+    if 1 in shapes[0]:
+        batches.append(inputs(model, num_frames=torch.tensor([0, 4, 13]), max_frames=13, seed=2))
+    with torch.no_grad():
+        for batch in batches:
+            torch.testing.assert_close(program(*batch), model(*batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_every_model_compiles_without_graph_breaks(name, mode):
+    model = warmed_up(name).train(mode == "train")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):  # by default dynamo leaves nn.LSTM to eager, by design
+        explanation = torch._dynamo.explain(model)(*inputs(model))
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_features_are_the_final_states_of_the_packed_sequences(cell):
+    torch.manual_seed(0)
+    model = build("lstm", NUM_CLASSES, cell=cell, hidden_size=16, num_layers=2).eval()
+    num_frames = torch.tensor([10, 3, 1, 0, 7])
+    rgb, audio, _ = inputs(model, num_frames)
+    with torch.no_grad():
+        packed = pack_padded_sequence(model.inputs(rgb, audio), num_frames.clamp(min=1), batch_first=True,
+                                      enforce_sorted=False)
+        _, state = model.rnn(packed)
+        expected = (state[0] if cell == "lstm" else state)[-1]  # the top layer's final state [B, H]
+        torch.testing.assert_close(model.forward_features(rgb, audio, num_frames), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_model_names_the_known_ones():

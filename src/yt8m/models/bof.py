@@ -1,12 +1,12 @@
-"""Soft bags of frames: Soft-DBoF and GatedDBoF (WILLOW 2017), Soft-BoF 4K/8K (4th place 2018,
-../papers/2018-nonlocal-netvlad-4th-place.txt).
+"""Soft bags of frames: Soft-DBoF and GatedDBoF (WILLOW 2017, [willow2017]), Soft-BoF 4K/8K (4th place
+2018, [nonlocal2018] §2.3). Sources: docs/papers.md.
 
 The pooling block (`SoftBagOfFrames`) → registered in `netvlad.POOLINGS` and composed by the
 learnable-pooling model (`netvlad.LearnablePoolingClassifier`: late fusion, audio with 1/8 of the
 clusters, FC to the hidden size, classifier) → registered variants. Following the authors' code:
 no context gating after the hidden layer and no gating of the class probabilities (the 4th
-place's Soft-BoF uses their `willow_MoeModel_moe2_noGP`, which their model sizes confirm); the
-GatedDBoF pools audio with a plain soft BoF.
+place's Soft-BoF uses `willow_MoeModel_moe2_noGP` of [nonlocal-code], which their model sizes
+confirm); the GatedDBoF pools audio with a plain soft BoF.
 """
 
 from __future__ import annotations

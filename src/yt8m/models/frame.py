@@ -1,4 +1,4 @@
-"""Frame-level baselines of the starter code: frame-averaged logistic regression and DBoF."""
+"""Frame-level baselines of the starter code ([yt8m-starter]): frame-averaged logistic regression and DBoF."""
 
 from __future__ import annotations
 

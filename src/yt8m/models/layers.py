@@ -34,21 +34,30 @@ def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 class ContextGating(nn.Module):
-    """WILLOW context gating: `y = x * sigmoid(BN(x W))` (BN replaces the bias)."""
+    """WILLOW context gating ([willow2017]): `y = x * sigmoid(BN(x W))` (BN replaces the bias).
+
+    x [B, H] -> [B, H]; or frames x [B, T, H] with their mask [B, T] -> [B, T, H], where the BN
+    sees the real frames only and padding frames come out 0.
+    """
 
     def __init__(self, dim: int, batch_norm: bool = True):
         super().__init__()
         self.gate = nn.Linear(dim, dim, bias=not batch_norm)
-        self.norm = nn.BatchNorm1d(dim) if batch_norm else nn.Identity()
+        self.norm = nn.BatchNorm1d(dim) if batch_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.norm(self.gate(x)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        gate = self.gate(x)
+        if mask is None:
+            return x * torch.sigmoid(self.norm(gate) if self.norm is not None else gate)
+        if self.norm is not None:
+            gate = masked_batch_norm(self.norm, gate, mask)
+        return (x * torch.sigmoid(gate)).masked_fill(~mask.unsqueeze(-1), 0.0)
 
 
 class MixtureOfExperts(nn.Module):
-    """The starter code's MoE: `p = sum_m gate_m * sigmoid(expert_m)`, gates a softmax over
-    M experts plus a dummy expert that always predicts 0. Returns LOGITS `log(p / (1 - p))`,
-    computed in log space so that they stay finite where p saturates."""
+    """The starter code's MoE ([yt8m-starter]): `p = sum_m gate_m * sigmoid(expert_m)`, gates a
+    softmax over M experts plus a dummy expert that always predicts 0. Returns LOGITS
+    `log(p / (1 - p))`, computed in log space so that they stay finite where p saturates."""
 
     def __init__(self, in_dim: int, num_classes: int, num_mixtures: int = 2):
         super().__init__()
@@ -108,15 +117,83 @@ def init_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
     return nn.init.normal_(weight, std=1.0 / math.sqrt(fan_in))
 
 
-def masked_batch_norm(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A BatchNorm1d over the real frames only: x [B, T, D] -> [B, T, D], padding left at 0.
+def masked_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`norm` (a BatchNorm1d) over the real frames only: x [B, T, D] -> [B, T, D], padding exactly 0.
 
-    Training statistics then ignore padding, so a batch's output does not depend on how
-    much padding it carries.
+    In training the real frames are normalised with their mean and biased variance, so a batch's
+    output does not depend on how much padding it carries, and the running estimates are updated
+    as `nn.BatchNorm1d` does (momentum, or a cumulative average for momentum None; unbiased
+    variance; `num_batches_tracked`); in eval mode the running estimates normalise. Unlike
+    `nn.BatchNorm1d`, a training batch with fewer than two real frames is not an error: it leaves
+    the running estimates as they are.
+
+    The statistics are masked sums, computed in float32 (float64 for float64 input) and returned in
+    x's dtype: no shape depends on the data, so the models export (`torch.export`) and compile
+    without graph breaks.
     """
-    out = torch.zeros_like(x)
-    out[mask] = norm(x[mask]).to(out.dtype)
+    out, mean, var = _MaskedBatchNorm.apply(x, ~mask.unsqueeze(-1), norm.weight, norm.bias, norm.running_mean,
+                                            norm.running_var, norm.eps, norm.training or norm.running_mean is None)
+    if norm.training and norm.running_mean is not None:
+        _update_running_stats(norm, mean, var, mask.sum().to(mean.dtype))
     return out
+
+
+class _MaskedBatchNorm(torch.autograd.Function):
+    """`masked_batch_norm`'s arithmetic with its gradient written out (the batch-norm backward over the
+    real frames): about half the passes over x that autograd through the masked sums takes.
+
+    (x [B, T, D], padding [B, T, 1], weight, bias, mean, var, eps, batch_stats) -> (out, mean, var); with
+    `batch_stats` the mean and biased variance of the real frames, else the given mean and var.
+    """
+
+    @staticmethod
+    def forward(ctx, x, padding, weight, bias, mean, var, eps: float, batch_stats: bool):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        centered = x.to(dtype).masked_fill(padding, 0.0)
+        count = None
+        if batch_stats:
+            count = (~padding).sum().to(dtype).clamp(min=1.0)
+            mean = centered.sum((0, 1)) / count  # [D]
+            centered = centered.sub_(mean).masked_fill_(padding, 0.0)
+            var = torch.linalg.vector_norm(centered, dim=(0, 1)).square() / count
+        else:
+            mean, var = mean.to(dtype), var.to(dtype)
+            centered = centered.sub_(mean)
+        invstd = torch.rsqrt(var + eps)  # [D]
+        scale = invstd if weight is None else invstd * weight.to(dtype)
+        out = centered * scale if bias is None else torch.addcmul(bias.to(dtype), centered, scale)
+        ctx.save_for_backward(centered, padding, invstd, scale, count)
+        ctx.batch_stats = batch_stats
+        ctx.mark_non_differentiable(mean, var)
+        return out.masked_fill_(padding, 0.0).to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_var):
+        centered, padding, invstd, scale, count = ctx.saved_tensors
+        grad = grad_out.to(centered.dtype).masked_fill(padding, 0.0)
+        grad_bias = grad.sum((0, 1))  # [D]
+        grad_centered = (grad * centered).sum((0, 1))  # [D]
+        if ctx.batch_stats:  # through the batch's mean and variance too: on the real frames,
+            # scale * (grad - sum(grad) / n - centered * sum(grad * centered) / (n * (var + eps)))
+            coefficient = scale * invstd.square() * grad_centered / count  # [D]
+            grad_x = torch.addcmul(-scale * grad_bias / count, grad, scale)
+            grad_x = grad_x.addcmul_(centered, coefficient, value=-1.0).masked_fill_(padding, 0.0)
+        else:
+            grad_x = grad.mul_(scale)
+        _, _, weight_grad, bias_grad, *_ = ctx.needs_input_grad
+        return (grad_x.to(grad_out.dtype), None, grad_centered * invstd if weight_grad else None,
+                grad_bias if bias_grad else None, None, None, None, None)
+
+
+@torch.no_grad()
+def _update_running_stats(norm: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+    """`nn.BatchNorm1d`'s update of the running estimates from one batch's (count, mean, biased var)."""
+    norm.num_batches_tracked.add_(1)
+    momentum = norm.momentum if norm.momentum is not None else 1.0 / norm.num_batches_tracked
+    factor = (count > 1).to(count.dtype) * momentum  # no variance estimate from fewer than two frames
+    unbiased = var * count / (count - 1).clamp(min=1.0)
+    norm.running_mean.mul_(1 - factor).add_(factor * mean)
+    norm.running_var.mul_(1 - factor).add_(factor * unbiased)
 
 
 class SoftAssignment(nn.Module):
@@ -140,8 +217,9 @@ class SoftAssignment(nn.Module):
 
 
 class SEContextGating(nn.Module):
-    """NeXtVLAD's squeeze-and-excitation gating: `h * sigmoid(FC(ReLU(BN(FC(h -> H/r)))) -> H)`,
-    about 2H^2/r parameters instead of the H^2 of `ContextGating`."""
+    """NeXtVLAD's squeeze-and-excitation gating ([nextvlad2018]):
+    `h * sigmoid(FC(ReLU(BN(FC(h -> H/r)))) -> H)`, about 2H^2/r parameters instead of the H^2 of
+    `ContextGating`."""
 
     def __init__(self, dim: int, reduction: int = 8):
         super().__init__()
@@ -154,9 +232,10 @@ class SEContextGating(nn.Module):
 
 
 class ProbabilityGating(nn.Module):
-    """WILLOW's "gated MoE": context gating of the class probabilities, `p' = p * sigmoid(BN(p W))`,
-    W C x C ~ N(0, 1/sqrt(C)) (BN replaces the bias). Takes and returns LOGITS: `p = sigmoid(z)`,
-    `z' = log p' - log(1 - p')`, computed in log space (`1 - p' = (1 - p) + p (1 - gate)`)."""
+    """WILLOW's "gated MoE" ([willow2017]): context gating of the class probabilities,
+    `p' = p * sigmoid(BN(p W))`, W C x C ~ N(0, 1/sqrt(C)) (BN replaces the bias). Takes and returns
+    LOGITS: `p = sigmoid(z)`, `z' = log p' - log(1 - p')`, computed in log space
+    (`1 - p' = (1 - p) + p (1 - gate)`)."""
 
     def __init__(self, num_classes: int):
         super().__init__()

@@ -1,23 +1,23 @@
-"""The learnable pooling family: NetVLAD, NetRVLAD and NetFV (2017 1st place "WILLOW", Miech et al.)
-and the non-local NetVLAD variants of the 2018 4th place (../papers/2018-nonlocal-netvlad-4th-place.txt).
+"""The learnable pooling family: NetVLAD, NetRVLAD and NetFV (2017 1st place "WILLOW", [willow2017])
+and the non-local NetVLAD variants of the 2018 4th place ([nonlocal2018] §2.1-2.2).
+Sources: docs/papers.md.
 
 Blocks (`VLADPooling`, `NonLocalBlock`, `FisherVectorPooling`) → the model that composes a pooling
 per modality (`LearnablePoolingClassifier`, shared with the bag-of-frames poolings of `bof.py`) →
 registered variants.
 
-Where this follows the authors' code (antoine77340/Youtube-8M-WILLOW, 17Skye17/2nd-YouTube8M) and
-where it departs from it:
-- frames are L2-normalised (the starter code's input), then batch-normalised; the FC to the
-  hidden size is linear with a bias and no BN (the WILLOW runs: `relu=False`), initialised
-  N(0, 1/sqrt(cluster_size)) as theirs; the base learning rate is their 2e-4.
+Where this follows the authors' code ([willow-code], [nonlocal-code]) and where it departs from it:
+- frames are L2-normalised (the input of the starter code, [yt8m-starter]), then batch-normalised;
+  the FC to the hidden size is linear with a bias and no BN (the WILLOW runs: `relu=False`),
+  initialised N(0, 1/sqrt(cluster_size)) as theirs; the base learning rate is their 2e-4.
 - training reads 300 frames sampled with replacement (their `iterations=300`); evaluation reads
   every frame, where their code samples 300 frames at evaluation too.
 - padding frames get zero weight everywhere and stay out of the BatchNorm statistics.
 - the non-local block scales its affinities by 1/sqrt(embedding size) (theirs: 1/64 in
   LFNL-NetVLAD, 1/sqrt(D) in the two others) and uses its own g embedding (their LFNL-NetRVLAD
   and EFNL-NetVLAD code uses phi in place of g, leaving g unused; the parameter count is the same).
-- EFNL-NetVLAD's frame-level context gating is in the paper (Section 2.2) but not in their code;
-  it is an option here (`frame_gating`), on in the `efnl_netvlad` preset.
+- EFNL-NetVLAD's frame-level context gating is in the paper ([nonlocal2018] §2.2) but not in
+  their code; it is an option here (`frame_gating`), on in the `efnl_netvlad` preset.
 - "gated MoE" gates the class probabilities (`layers.ProbabilityGating`) and returns logits.
 """
 
@@ -46,7 +46,7 @@ from yt8m.models.registry import register
 
 
 class NonLocalBlock(nn.Module):
-    """Embedded-Gaussian non-local block over a set of vectors (4th place 2018, Eq. 4-5):
+    """Embedded-Gaussian non-local block over a set of vectors ([nonlocal2018] §2.1, Eq. 4-5):
     `y = softmax(theta(v) phi(v)^T / sqrt(E)) g(v)`, `v_hat = W y + v`; theta, phi, g: D -> E, W: E -> D,
     no biases, initialised N(0, 1/sqrt(fan_in)) as the authors' code.
 
@@ -211,7 +211,7 @@ class LearnablePoolingClassifier(VideoClassifier):
         if self.input_bn is not None:
             x = masked_batch_norm(self.input_bn, x, mask)
         if self.frame_gating is not None:  # per real frame; its BN sees real frames only
-            x = masked_batch_norm(self.frame_gating, x, mask)
+            x = self.frame_gating(x, mask)
         parts = x.split(self.splits, dim=-1)
         pooled = torch.cat([pool(part, mask) for pool, part in zip(self.poolings, parts)], -1)  # [B, P]
         hidden = self.hidden(pooled)  # [B, H]

@@ -1,19 +1,20 @@
-"""NeXtVLAD (Lin et al. 2018) and its online-distillation mixtures MixNeXtVLAD and MOD NeXtVLAD
-(2019 3rd place, papers/2019-mod-nextvlad-segments-3rd-place.txt, Sections 3.2-3.4).
+"""NeXtVLAD ([nextvlad2018]) and its online-distillation mixtures MixNeXtVLAD and MOD NeXtVLAD
+(2019 3rd place, [mod2019] §3.2-3.4). Sources: docs/papers.md.
 
 Blocks (`NeXtVLADPooling`, `distillation_loss`, `DistilledMixture`) → models → registered variants.
 
-Details the paper leaves open follow the authors' code (linrongc/solution_youtube8m_v3): the
-audio pooling has half the clusters and half the groups of the rgb one with the same expansion;
-the SE gating squeezes by 8; frames are not L2-normalised (`input_norm=False`); the KL's teacher
-side (the mixture) is not detached, so distillation also trains the gate; the base learning rate
-is their scripts' 2e-4. The distillation weight is the paper's T^2 (Eq. 6; their code takes a
-separate lambda). Left out: their reversal of the rgb PCA whitening (it needs the published
-eigenvalues, not available offline). Padding frames get zero weight everywhere and stay out of
-the BatchNorm statistics and the gate's mean, where the authors' code averages them in.
-Parameters at 1000 classes: nextvlad 83.0M (paper 83M; 88.9M at 3862, paper 89M), mix_nextvlad
-249.1M (250M), mod_nextvlad 996.4M (1000M). One difference from their layout: the shared
-`SEContextGating` has a bias in its excitation FC (H parameters per model).
+Details the paper leaves open follow the authors' code ([mod-code]): the audio pooling has half
+the clusters and half the groups of the rgb one with the same expansion; the SE gating squeezes
+by 8; frames are not L2-normalised (`input_norm=False`); the KL's teacher side (the mixture) is
+not detached, so distillation also trains the gate; the base learning rate is their scripts' 2e-4.
+The distillation weight is the paper's T^2 ([mod2019] Eq. 6; their code takes a separate lambda).
+Left out: their reversal of the rgb PCA whitening (it needs the published eigenvalues, not
+available offline). Padding frames get zero weight everywhere and stay out of the BatchNorm
+statistics and the gate's mean, where the authors' code averages them in.
+Parameters at 1000 classes: nextvlad 83.0M ([mod2019] Table 1: 83M; 88.9M at 3862 classes,
+[nextvlad2018]: 89M), mix_nextvlad 249.1M and mod_nextvlad 996.4M ([mod2019] Table 2: 250M, 1000M).
+One difference from their layout: the shared `SEContextGating` has a bias in its excitation FC
+(H parameters per model).
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ class DistilledMixture(VideoClassifier):
 class MixNeXtVLAD(DistilledMixture):
     """MixNeXtVLAD: `num_members` NeXtVLAD models (the other options are theirs) in a `DistilledMixture`.
 
-    Defaults are the paper's best (Table 2, T=20); the authors' published script for their final
-    submission ran T=1 with an SE reduction of 16.
+    Defaults are the paper's best ([mod2019] Table 2, T=20); the authors' published script for their
+    final submission ran T=1 with an SE reduction of 16.
     """
 
     def __init__(self, num_classes: int, num_members: int = 3, temperature: float = 20.0, num_clusters: int = 128,

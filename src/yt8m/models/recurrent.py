@@ -1,10 +1,9 @@
-"""Recurrent models over the frame sequence."""
+"""Recurrent models over the frame sequence (the starter code's LstmModel, [yt8m-starter])."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models.base import VideoClassifier
@@ -24,7 +23,8 @@ def init_forget_bias(lstm: nn.LSTM, value: float) -> None:
 
 
 class RecurrentClassifier(VideoClassifier):
-    """Stacked LSTM/GRU over the real frames; the top layer's final state -> classifier (starter LstmModel)."""
+    """Stacked LSTM/GRU over the frames; the top layer's state after the last real frame -> classifier
+    (starter LstmModel, which runs a dynamic RNN up to each video's length)."""
 
     default_lr = 1e-3
 
@@ -42,14 +42,15 @@ class RecurrentClassifier(VideoClassifier):
 
     def forward_features(self, rgb, audio, num_frames):
         x = self.inputs(rgb, audio)  # [B, T, D]
-        lengths = num_frames.clamp(min=1, max=x.shape[1]).cpu()
         if x.device.type == "cpu":  # oneDNN has no bfloat16 LSTM: the recurrence runs in float32 on the CPU
             with torch.autocast("cpu", enabled=False):
-                _, state = self.rnn(pack_padded_sequence(x.float(), lengths, batch_first=True, enforce_sorted=False))
+                outputs, _ = self.rnn(x.float())
         else:
-            _, state = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
-        hidden = state[0] if isinstance(state, tuple) else state  # [layers, B, H]
-        return hidden[-1]
+            outputs, _ = self.rnn(x)  # [B, T, H]
+        # the top layer's state after the last real frame (the first frame of an empty video): the
+        # recurrence runs forward, so the padding after it does not reach it
+        last = num_frames.long().clamp(min=1, max=x.shape[1]) - 1  # [B]
+        return outputs.gather(1, last.view(-1, 1, 1).expand(-1, 1, outputs.shape[-1])).squeeze(1)  # [B, H]
 
 
 register("lstm", RecurrentClassifier, "starter LstmModel: 2 x 1024 LSTM cells, final state -> MoE 2",

@@ -6,6 +6,7 @@ import functools
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,30 +57,71 @@ def preset_dirs() -> list[Path]:
     return dirs + [Path(__file__).resolve().parents[3] / "configs", Path(sys.prefix) / "share" / "yt8m" / "configs"]
 
 
+PRESET_FIELDS = {"model": str, "options": dict, "description": str, "source": str, "reported": dict}
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    """A YAML error on one line, with its line and column (or position) in the file."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        context = f" ({error.context})" if error.context else ""
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {error.problem}{context}"
+    if isinstance(error, yaml.reader.ReaderError):
+        return f"invalid YAML at character {error.position}: unacceptable character #x{error.character:04x}"
+    return "invalid YAML: " + " ".join(str(error).split())
+
+
 def load_preset(path: str | os.PathLike) -> Preset:
+    """The preset of a YAML file; a ValueError naming the file for an unreadable or malformed one."""
     path = Path(path)
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict) or "model" not in values:
-        raise ValueError(f"{path}: a preset is a YAML mapping with at least a 'model' key")
-    unknown = set(values) - {"model", "options", "description", "source", "reported"}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"preset {path}: cannot be read ({error.strerror or error})") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"preset {path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except yaml.YAMLError as error:
+        raise ValueError(f"preset {path}: {_yaml_error(error)}") from error
+    if not isinstance(values, dict):
+        found = "an empty file" if values is None else f"a YAML {type(values).__name__}"
+        raise ValueError(f"preset {path}: expected a mapping with at least a 'model' key, found {found}")
+    unknown = sorted(map(str, set(values) - set(PRESET_FIELDS)))
     if unknown:
-        raise ValueError(f"{path}: unknown preset key(s) {sorted(unknown)}")
-    return Preset(path.stem, values["model"], dict(values.get("options") or {}), values.get("description", ""),
-                  values.get("source", ""), dict(values.get("reported") or {}), path)
+        raise ValueError(f"preset {path}: unknown key(s) {unknown}; known: {', '.join(PRESET_FIELDS)}")
+    if "model" not in values:
+        raise ValueError(f"preset {path}: no 'model' key (its keys: {', '.join(values) or 'none'})")
+    for key, value in values.items():
+        expected = PRESET_FIELDS[key]
+        if value is None and key != "model":
+            continue
+        if not isinstance(value, expected) or (expected is dict and not all(isinstance(k, str) for k in value)):
+            wanted = "a mapping with string keys" if expected is dict else "a string"
+            raise ValueError(f"preset {path}: {key!r} must be {wanted}, found {value!r}")
+    return Preset(path.stem, values["model"], dict(values.get("options") or {}), values.get("description") or "",
+                  values.get("source") or "", dict(values.get("reported") or {}), path)
 
 
 @functools.cache
-def _presets(dirs: tuple[Path, ...]) -> dict[str, Preset]:
+def _presets(dirs: tuple[Path, ...]) -> tuple[dict[str, Preset], dict[str, str]]:
+    """(presets by name, the error of each broken preset by name): a broken file is skipped with a warning, and
+    takes its name, so that it does not fall back to a preset of the same name further down the path."""
     found: dict[str, Preset] = {}
+    broken: dict[str, str] = {}
     for directory in dirs:
         for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
-            found.setdefault(path.stem, load_preset(path))
-    return found
+            if path.stem in found or path.stem in broken:
+                continue
+            try:
+                found[path.stem] = load_preset(path)
+            except ValueError as error:
+                broken[path.stem] = str(error)
+                warnings.warn(f"skipped {error}", stacklevel=3)
+    return found, broken
 
 
 def presets() -> dict[str, Preset]:
-    """The named presets, by name."""
-    return _presets(tuple(preset_dirs()))
+    """The named presets, by name (a file that does not load is skipped with a warning)."""
+    return _presets(tuple(preset_dirs()))[0]
 
 
 def available() -> list[str]:
@@ -91,7 +133,10 @@ def resolve(name: str) -> tuple[ModelEntry, dict, Preset | None]:
     """A model or preset name (or a preset's YAML path) -> (model entry, preset options, preset)."""
     if name in _REGISTRY:
         return _REGISTRY[name], {}, None
-    preset = presets().get(name)
+    found, broken = _presets(tuple(preset_dirs()))
+    if name in broken:
+        raise ValueError(broken[name])
+    preset = found.get(name)
     if preset is None and name.endswith((".yaml", ".yml")) and Path(name).is_file():
         preset = load_preset(name)
     if preset is None:

@@ -1,4 +1,4 @@
-"""Video-level models: classifiers on the mean rgb and audio features."""
+"""Video-level models of the starter code ([yt8m-starter]): classifiers on the mean rgb and audio features."""
 
 from __future__ import annotations
 

@@ -1,0 +1,68 @@
+"""Presets: a broken preset file is skipped with one warning and does not break the other presets."""
+
+import warnings
+
+import pytest
+from click.testing import CliRunner
+
+from yt8m.cli import main
+from yt8m.models import build, presets
+
+BROKEN = {
+    "unclosed": (b"model: [unclosed\n", r"invalid YAML at line 2, column 1: expected ',' or '\]'"),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", r"not UTF-8 text \(invalid start byte at byte 0\)"),
+    "control_characters": (b"model: moe\x00\x01\n", r"invalid YAML at character 10: unacceptable character #x0000"),
+    "no_model": (b"options: {cluster_size: 8}\n", r"no 'model' key \(its keys: options\)"),
+    "a_list": (b"- model\n- moe\n", r"expected a mapping with at least a 'model' key, found a YAML list"),
+    "empty": (b"", r"found an empty file"),
+    "options_not_a_mapping": (b"model: moe\noptions: 5\n", r"'options' must be a mapping with string keys, found 5"),
+    "model_not_a_string": (b"model: [moe]\n", r"'model' must be a string, found \['moe'\]"),
+}
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    """A preset directory searched before the project's, holding one good preset `tiny`."""
+    (tmp_path / "tiny.yaml").write_text("model: logistic\ndescription: a good preset next to a broken one\n")
+    monkeypatch.setenv("YT8M_CONFIG_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_preset_is_skipped_with_one_warning_naming_the_file_and_the_reason(config_dir, case):
+    content, reason = BROKEN[case]
+    broken = config_dir / "broken.yaml"
+    broken.write_bytes(content)
+    with pytest.warns(UserWarning) as record:
+        found = presets()
+    assert len(record) == 1
+    assert str(broken) in str(record[0].message)
+    assert record[0].filename == __file__  # attributed to the caller of presets()
+    assert "broken" not in found and {"tiny", "nextvlad", "willow_netvlad"} <= set(found)
+    assert build("tiny", 3).num_classes == 3
+    assert build("willow_netvlad", 3, cluster_size=4, hidden_size=8).config["pooling"] == "vlad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        presets()  # said once
+    with pytest.raises(ValueError, match=reason) as error:
+        build("broken", 3)
+    assert str(broken) in str(error.value)
+
+
+def test_a_broken_preset_does_not_fall_back_to_a_preset_of_the_same_name_further_down(config_dir):
+    shadowing = config_dir / "nextvlad_large.yaml"
+    shadowing.write_text("model: nextvlad\noptions: {num_clusters: [256\n")
+    with pytest.warns(UserWarning, match="nextvlad_large.yaml"):
+        assert "nextvlad_large" not in presets()
+    with pytest.raises(ValueError, match="invalid YAML at line 3") as error:
+        build("nextvlad_large", 3)
+    assert str(shadowing) in str(error.value)
+
+
+def test_models_command_lists_the_other_presets_next_to_a_broken_one(config_dir):
+    (config_dir / "broken.yaml").write_bytes(BROKEN["unclosed"][0])
+    with pytest.warns(UserWarning, match="broken.yaml"):
+        result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    listed = {line.split()[0] for line in result.output.splitlines()}
+    assert {"tiny", "willow_netvlad", "dbof"} <= listed and "broken" not in listed
