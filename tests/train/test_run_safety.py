@@ -341,3 +341,36 @@ def test_metrics_rows_carry_the_wall_clock_time(tiny_corpus, tmp_path):
     before = time.time()
     train(make_config(tiny_corpus, tmp_path / "run", "moe", epochs=1), progress=False)
     assert all(before <= r["time"] <= time.time() for r in read_metrics(tmp_path / "run"))
+
+
+def test_tensorboard_tags_are_grouped_and_its_absence_is_said_once(tiny_corpus, tmp_path, monkeypatch):
+    import types
+
+    from yt8m.train.loop import MetricsLog
+
+    scalars = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    train(make_config(tiny_corpus, tmp_path / "run", "moe", epochs=1,
+                      valid_data=[str(p) for p in tiny_corpus.files["video"]["validate"]]), progress=False)
+    tags = {tag for tag, _ in scalars}
+    assert {"train/loss", "train/lr", "train/examples_per_s", "valid/gap", "valid/map"} <= tags
+    assert all(tag.startswith(("train/", "valid/")) for tag in tags) and ("valid/gap", 7) in scalars
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: the import fails
+    monkeypatch.setattr(MetricsLog, "_said_no_tensorboard", False)
+    with pytest.warns(UserWarning, match="tensorboard is not installed") as said:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            MetricsLog(tmp_path / name).close()
+    assert len([w for w in said if "tensorboard" in str(w.message)]) == 1
