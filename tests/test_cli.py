@@ -143,7 +143,7 @@ def test_resume_continues_a_run(tiny_corpus, tmp_path):
     output = tmp_path / "run"
     assert invoke(*train_args(tiny_corpus, output)).exit_code == 0
     refused = invoke(*train_args(tiny_corpus, output))
-    assert refused.exit_code == 1 and "--resume" in refused.stderr
+    assert refused.exit_code == 2 and "--resume" in refused.stderr
     resumed = invoke(*train_args(tiny_corpus, output, "--epochs", 2, "--resume"))
     assert resumed.exit_code == 0, resumed.output
     assert "trained dbof: 14 steps, 112 examples" in resumed.stdout
@@ -334,7 +334,8 @@ def test_usage_errors_do_not_hide_bugs(run_dir, tiny_corpus, monkeypatch):
 
 
 @pytest.mark.parametrize("target", ["model.pt", "./model.pt", "a link to model.pt", "a new file in the run",
-                                    "checkpoint as RUN", "an input shard", "a link to an input shard"])
+                                    "checkpoint as RUN", "an input shard", "a link to an input shard",
+                                    "the digest of a model file"])
 def test_predict_never_writes_over_the_run_or_its_inputs(run_dir, tiny_corpus, tmp_path, target):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
@@ -350,11 +351,22 @@ def test_predict_never_writes_over_the_run_or_its_inputs(run_dir, tiny_corpus, t
         "checkpoint as RUN": (checkpoint, run / "sub.csv"),
         "an input shard": (run, shard),
         "a link to an input shard": (run, tmp_path / "shard-link.tfrecord"),
+        "the digest of a model file": (tmp_path / "model-copy.pt", tmp_path / "model-copy.pt.sha256"),
     }[target]
-    before = {path: path.read_bytes() for path in [*run.rglob("*"), shard] if path.is_file()}
+    for name in ("model.pt", "model.pt.sha256"):  # a model file outside any run
+        shutil.copy(run / name, tmp_path / name.replace("model", "model-copy"))
+    kept = [*run.rglob("*"), shard, tmp_path / "model-copy.pt.sha256"]
+    before = {path: path.read_bytes() for path in kept if path.is_file()}
     result = invoke("predict", source, "--data", files(tiny_corpus, "frame", "test"), "--output", output, "--overwrite")
     assert result.exit_code == 2 and "refusing to write" in result.stderr, result.output
-    assert {path: path.read_bytes() for path in [*run.rglob("*"), shard] if path.is_file()} == before
+    assert {path: path.read_bytes() for path in kept if path.is_file()} == before
+
+
+def test_predict_into_a_folder_that_is_a_file_is_a_usage_error(run_dir, tiny_corpus, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    result = runner().invoke(main, ["predict", str(run_dir), "--data", files(tiny_corpus, "frame", "test"),
+                                    "--output", str(tmp_path / "taken" / "sub.csv"), "--overwrite"])
+    assert result.exit_code == 2 and "its folder cannot be made" in result.stderr, result.output
 
 
 def test_predict_replaces_an_existing_file_only_with_overwrite(run_dir, tiny_corpus, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 import time
 from pathlib import Path
 
@@ -49,6 +50,12 @@ def _raised_by_yt8m(error: BaseException) -> bool:
 @click.version_option(__version__, prog_name="yt8m")
 def main() -> None:
     """YouTube-8M video classification and temporal localization in PyTorch."""
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as a person reads them: `warning: MESSAGE`, without the source line."""
+    return f"warning: {message}\n"
 
 
 @main.command()
@@ -126,6 +133,14 @@ def _run_of(source: Path) -> Path:
     return source.parent if config_path(source.parent).exists() else source
 
 
+def _protected(source: Path) -> list[Path]:
+    """What predicting from `source` never writes over: its run, or the model file and its digest."""
+    from yt8m.train.checkpoint import digest_path
+
+    run = _run_of(source)
+    return [run, digest_path(run)] if run.is_file() else [run]
+
+
 def _run_config(output: Path, model: str, num_classes: int | None) -> dict:
     """The config keys of the run in `output`, to resume it; refuses another model or class count."""
     from yt8m.train import load_yaml
@@ -179,9 +194,8 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
 
     Every config key and model option is checked before anything runs.
     """
-    from yt8m.train import TrainConfig, TrainingError, apply_overrides, load_yaml, resolve_device
+    from yt8m.train import TrainConfig, TrainingError, apply_overrides, load_yaml
     from yt8m.train import train as run_training
-    from yt8m.train.config import validate_model_options
     from yt8m.train.loop import config_path
 
     _check_model(model)
@@ -199,13 +213,13 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
              "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_steps": max_steps}
     values.update({key: value for key, value in flags.items() if value is not None})
     config = TrainConfig.from_dict(values)
-    validate_model_options(config.model, config.model_options, config.num_classes)
-    resolve_device(config.device)
     start = time.perf_counter()
     try:
         summary = _data_errors(lambda: run_training(config, resume=resume, progress=not quiet))
     except TrainingError as error:
         raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:  # the loop has said where it stopped and how to resume
+        raise SystemExit(130) from None
     if summary["rank"] != 0:  # under torchrun, rank 0 reports
         return
     valid = summary["valid"]
@@ -267,7 +281,7 @@ def predict(run: Path, data: tuple[str, ...], output: Path, overwrite: bool, top
 
     model, files, target = _load_run(run, data, device)
     count = _data_errors(lambda: write_submission(model, files, output, model.num_classes, target, top_k=top_k,
-                                                  overwrite=overwrite, protect=[_run_of(run)],
+                                                  overwrite=overwrite, protect=_protected(run),
                                                   batch_size=batch_size))
     click.echo(f"wrote {count} videos to {output}")
 

@@ -40,10 +40,22 @@ def test_numbers_must_be_finite_in_float32(key, value):
         TrainConfig.from_dict({**REQUIRED, key: value})
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("clip_norm", -1.0, "clip_norm must be > 0"), ("clip_norm", 0, "clip_norm must be > 0"),
+    ("lr_decay", 0, r"lr_decay must be in \(0, 1\]"), ("lr_decay", -0.5, r"lr_decay must be in \(0, 1\]"),
+    ("lr_decay", 1.5, r"lr_decay must be in \(0, 1\]"), ("l2", -1e-5, "l2 must be >= 0"),
+    ("seed", -1, r"seed must be in \[0, 2\*\*32\)"), ("seed", 2**32, r"seed must be in \[0, 2\*\*32\)"),
+    ("lr", 1e38, r"lr must be in \(0, 1000\]"),
+])
+def test_values_that_cannot_train_are_refused(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict({**REQUIRED, key: value})
+
+
 def test_values_of_the_declared_types_are_accepted():
     config = TrainConfig.from_dict({**REQUIRED, "lr": 1, "train_data": ["a", "b"], "valid_data": None,
                                     "batch_size": None, "precision": "fp16", "device": "cuda:1",
-                                    "lr_decay": FLOAT32_MAX, "model_options": {"num_mixtures": 3}})
+                                    "l2": FLOAT32_MAX, "model_options": {"num_mixtures": 3}})
     assert config.lr == 1 and config.train_data == ["a", "b"] and config.precision == "fp16"
 
 

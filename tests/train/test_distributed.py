@@ -31,3 +31,16 @@ def test_torchrun_trains_one_model_with_two_ranks(tiny_corpus, tmp_path):
     assert model.config["name"] == "moe"
     # the examples the ranks trained on, summed (not steps x batch x ranks: 64 a epoch here)
     assert torch.load(run_dir / "model.pt", weights_only=True)["examples_seen"] == 2 * 56
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_max_steps_stops_every_rank_though_their_shards_differ(tiny_corpus, tmp_path):
+    # rank 0 reads 32 videos an epoch (4 batches), rank 1 24 (3): their step counts part within an epoch
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "yt8m.cli", "train", "moe", "--train-data", str(tiny_corpus.out_dir / "video" / "train*.tfrecord"),
+               "--output", str(run_dir), "--num-classes", "12", "--epochs", "5", "--batch-size", "8", "--max-steps", "4",
+               "--quiet", "--set", "device=cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(run_dir / "model.pt", weights_only=True)["step"] == 4

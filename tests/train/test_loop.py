@@ -107,7 +107,7 @@ def test_a_second_run_into_the_same_output_is_refused(tiny_corpus, tmp_path):
     config = make_config(tiny_corpus, tmp_path / "run", "moe", epochs=1)
     train(config, progress=False)
     before = final_weights(tmp_path / "run")
-    with pytest.raises(TrainingError, match="already holds a run.*--resume"):
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
         train(config, progress=False)
     assert_same_weights(before, final_weights(tmp_path / "run"))
 

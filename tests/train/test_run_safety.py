@@ -38,7 +38,8 @@ def test_a_file_carrying_a_pickle_payload_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "ran"
     path = crafted_file(tmp_path / "model.pt", marker)
     with pytest.warns(UserWarning, match="no .sha256 digest"):
-        with pytest.raises(CheckpointError, match=f"{path}: refused: it holds pickled objects"):
+        refused = f"{path}: refused: it holds pickled objects .*GLOBAL getattr was not an allowed global by default\\)"
+        with pytest.raises(CheckpointError, match=refused):
             load_model(path)
     assert not marker.exists()
 
@@ -229,6 +230,7 @@ def test_a_failing_validation_does_not_cost_the_epoch(tiny_corpus, tmp_path):
     summary = train(make_config(tiny_corpus, tmp_path / "skip", "moe", valid_data=[str(bad)], on_error="skip"),
                     progress=False)
     assert summary["steps"] == 14 and summary["valid"]["num_videos"] == 0
+    assert [r["valid_gap"] for r in read_metrics(tmp_path / "skip") if "valid_gap" in r] == [None, None]  # not NaN
 
 
 def poison_after(monkeypatch, call: int) -> None:
@@ -374,3 +376,66 @@ def test_tensorboard_tags_are_grouped_and_its_absence_is_said_once(tiny_corpus, 
             (tmp_path / name).mkdir()
             MetricsLog(tmp_path / name).close()
     assert len([w for w in said if "tensorboard" in str(w.message)]) == 1
+
+
+def test_resume_with_a_model_but_no_checkpoint_refuses_to_start_afresh(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(make_config(tiny_corpus, run_dir, "moe", epochs=1), progress=False)
+    for path in checkpoints(run_dir):
+        path.unlink()
+    before = (run_dir / "model.pt").read_bytes()
+    with pytest.raises(ValueError, match="nothing to resume in .* holds model.pt but no checkpoint"):
+        train(make_config(tiny_corpus, run_dir, "moe", epochs=2), resume=True, progress=False)
+    assert (run_dir / "model.pt").read_bytes() == before and read_metrics(run_dir)
+
+
+def test_resume_does_not_trust_a_checkpoint_without_its_digest(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(make_config(tiny_corpus, run_dir, "moe", epochs=1), progress=False)
+    (run_dir / "model.pt").unlink()
+    newest = checkpoints(run_dir)[-1]
+    digest_path(newest).unlink()
+    with pytest.warns(UserWarning, match=f"not resuming from {newest}: no .sha256 digest beside it"):
+        summary = train(make_config(tiny_corpus, run_dir, "moe", epochs=1), resume=True, progress=False)
+    assert summary["steps"] == 7  # from step 6, the newest with a digest
+
+
+def test_a_checkpoint_whose_config_and_weights_disagree_is_a_checkpoint_error(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(make_config(tiny_corpus, run_dir, "moe", epochs=1), progress=False)
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    state["model_config"]["num_mixtures"] = 5
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.warns(UserWarning, match="no .sha256 digest"):
+        with pytest.raises(CheckpointError, match="odd.pt: its model config and weights do not make a model"):
+            load_model(tmp_path / "odd.pt")
+    (tmp_path / "records.tfrecord").write_bytes(frame_record(b"\x0a\x00"))
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_model(tmp_path / "records.tfrecord")
+
+
+def test_a_lock_file_that_is_a_link_is_not_followed(tiny_corpus, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").symlink_to(victim)
+    with pytest.raises(RunLockedError, match="a symbolic link"):
+        train(make_config(tiny_corpus, run_dir, "moe", epochs=1), progress=False)
+    assert victim.read_text() == "precious"
+
+
+def test_ctrl_c_on_the_command_line_exits_130_with_how_to_resume(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "yt8m.cli", "train", "moe", "--train-data",
+               str(tiny_corpus.out_dir / "video" / "train*.tfrecord"), "--output", str(run_dir),
+               "--num-classes", "12", "--batch-size", "8", "--epochs", "500", "--quiet", "--set", "device=cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert "with --resume to continue" in err and str(checkpoints(run_dir)[-1]) in err

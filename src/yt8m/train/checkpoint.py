@@ -14,6 +14,7 @@ import pickle
 import re
 import secrets
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -61,6 +62,17 @@ def _replace_durably(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: never a torn file, and a link
+    at `path` is replaced, not followed."""
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text)
+        _replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file, its digest beside it, then rename: a killed run never leaves
     half a file under the final name, and two writers never share a temporary file."""
@@ -90,12 +102,14 @@ def recorded_digest(path: Path) -> str | None:
     return text[0]
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    require_digest: bool = False) -> dict:
     """A checkpoint or model file's contents, after checking its digest; never runs pickled code.
 
     Raises CheckpointError (naming the file) for an empty, truncated or unreadable file, one whose
     bytes differ from the digest recorded when it was written, or one holding anything but
-    tensors and plain values. A file without a recorded digest loads with a warning.
+    tensors and plain values. A file without a recorded digest loads with a warning, or with
+    `require_digest` (resuming a run, whose every checkpoint gets one) is refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -104,17 +118,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(path, "empty file (a write that never finished?)")
     expected = recorded_digest(path)
     if expected is None:
-        warnings.warn(f"{path}: no {DIGEST_SUFFIX} digest beside it, so its integrity cannot be checked",
+        trust = f"if you trust it, record its digest: sha256sum {path.name} > {digest_path(path).name}"
+        if require_digest:
+            raise CheckpointError(path, f"no {DIGEST_SUFFIX} digest beside it (written before digests, or its "
+                                        f"digest was removed); {trust}")
+        warnings.warn(f"{path}: no {DIGEST_SUFFIX} digest beside it, so its integrity cannot be checked ({trust})",
                       stacklevel=2)
     elif (found := file_digest(path)) != expected:
         raise CheckpointError(path, f"SHA-256 {found[:16]}… differs from the {expected[:16]}… recorded when it "
                                     "was written: the file changed or is damaged")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(path, "not a PyTorch checkpoint or model (torch.save writes a zip archive)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        what = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                    lines[0] if lines else type(error).__name__).split(". Please")[0]  # torch's advice follows
         raise CheckpointError(path, "refused: it holds pickled objects other than tensors and plain values, "
-                                    f"which loading would have to run ({first_line}). yt8m never writes such "
+                                    f"which loading would have to run ({what}). yt8m never writes such "
                                     "files; load it only if you trust its origin.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(path, f"unreadable, truncated or not a PyTorch file ({error})") from None
@@ -151,7 +173,7 @@ def latest_intact_checkpoint(run_dir: Path, map_location: str | torch.device = "
     candidates = checkpoints(run_dir)
     for path in reversed(candidates):
         try:
-            return path, load_checkpoint(path, map_location)
+            return path, load_checkpoint(path, map_location, require_digest=True)
         except CheckpointError as error:
             failures.append(error)
             if report is not None:
@@ -177,11 +199,14 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
-def model_from_state(state: dict) -> nn.Module:
-    """The model a checkpoint or model state describes, with its weights, in eval mode."""
+def model_from_state(state: dict, source: Path) -> nn.Module:
+    """The model a checkpoint or model state (read from `source`) describes, with its weights, in eval mode."""
     config = dict(state["model_config"])
-    model = build(config.pop("name"), **config)
-    model.load_state_dict(state["model"])
+    try:
+        model = build(config.pop("name"), **config)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(source, f"its model config and weights do not make a model: {error}") from None
     return model.eval()
 
 
@@ -190,11 +215,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     checkpoint or model file, in eval mode. Loads with `weights_only=True` and checks digests."""
     path = Path(path)
     if path.is_file():
-        return model_from_state(load_checkpoint(path, map_location))
+        return model_from_state(load_checkpoint(path, map_location), path)
     if not path.is_dir():
         raise FileNotFoundError(f"no run directory or model file at {path}")
     final = path / FINAL_MODEL
     sources = [final] if final.exists() else checkpoints(path)[-1:]
     if not sources:
         raise FileNotFoundError(f"{path} holds no {FINAL_MODEL} and no checkpoint: was it trained?")
-    return model_from_state(load_checkpoint(sources[0], map_location))
+    return model_from_state(load_checkpoint(sources[0], map_location), sources[0])

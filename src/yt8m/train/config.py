@@ -24,6 +24,7 @@ DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Training computes in float32: a larger number (`--lr 1e39`) becomes inf in the first step.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+MAX_LR = 1e3
 # Model options that size or count something (cluster_size, rgb_dim, num_mixtures, groups...):
 # zero or less builds some models silently and fails only in the first forward pass.
 SIZE_OPTION = re.compile(r"^num_|_size$|_dim$|_frames$|^groups$|^expansion$|_reduction$")
@@ -67,7 +68,12 @@ class TrainConfig:
             (self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}"),
             (self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            # Adam moves every weight by about lr in its first step: beyond MAX_LR nothing trains
+            (self.lr is None or 0 < self.lr <= MAX_LR, f"lr must be in (0, {MAX_LR:g}], got {self.lr}"),
+            (0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}"),
+            (self.clip_norm > 0, f"clip_norm must be > 0, got {self.clip_norm} (clip: none turns clipping off)"),
+            (self.l2 >= 0, f"l2 must be >= 0, got {self.l2}"),
+            (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             (self.lr_decay_examples >= 1, f"lr_decay_examples must be >= 1, got {self.lr_decay_examples}"),
             (self.clip in CLIP_MODES, f"clip must be one of {CLIP_MODES}, got {self.clip!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
@@ -103,7 +109,10 @@ class TrainConfig:
         return cls(**values)
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Writes the config as YAML, atomically (a killed write leaves the previous file)."""
+        from yt8m.train.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 @functools.cache

@@ -150,7 +150,11 @@ def write_submission(model: nn.Module, data, output: str | Path, num_classes: in
     output = Path(output)
     inputs = expand_paths(data)
     check_output(output, inputs, protect, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot write {output}: its folder cannot be made ({error.strerror}: {error.filename})") \
+            from None
     count = 0
     tmp = temporary_path(output)
     try:

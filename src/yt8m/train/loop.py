@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -37,12 +38,13 @@ from yt8m.train.checkpoint import (
     FINAL_MODEL,
     CheckpointError,
     atomic_save,
+    atomic_write_text,
     checkpoints,
     latest_intact_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from yt8m.train.config import TrainConfig
+from yt8m.train.config import TrainConfig, validate_model_options
 from yt8m.train.inference import autocast, evaluate, resolve_device
 from yt8m.train.lock import RunLock
 
@@ -122,7 +124,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, after_step: int = 0):
         path = run_dir / METRICS_FILE
         kept = self._records_up_to(path, after_step) if path.exists() else []
-        path.write_text("".join(line + "\n" for line in kept))  # a new run starts a new log
+        atomic_write_text(path, "".join(line + "\n" for line in kept))  # a new run starts a new log
         self.file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -155,11 +157,14 @@ class MetricsLog:
         return kept
 
     def write(self, record: dict) -> None:
+        """Appends `record` (a NaN or an infinity, as of a validation on no video, is written as null)."""
+        record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in record.items()}
         self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         self.file.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and value is not None:
                     tag = f"valid/{key.removeprefix('valid_')}" if key.startswith("valid_") else f"train/{key}"
                     self.tensorboard.add_scalar(tag, value, record["step"])
 
@@ -219,6 +224,13 @@ class StopRequest:
         self.requested = True
         print("\nstopping after this step (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
 
+    @staticmethod
+    def interrupt(step: int, epoch: int, checkpoint: Path) -> None:
+        """Says where the run stopped and how to go on, then raises KeyboardInterrupt."""
+        tqdm.write(f"stopped at step {step} (epoch {epoch + 1}); checkpoint {checkpoint}. Run the same command "
+                   "with --resume to continue from it.", file=sys.stderr)
+        raise KeyboardInterrupt
+
     def __enter__(self) -> StopRequest:
         if self.enabled:
             self._previous = signal.signal(signal.SIGINT, self._handle)
@@ -229,12 +241,13 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _all_reduce_sum(values: list[int], device: torch.device, world_size: int) -> list[int]:
+def _all_reduce(values: list[int], device: torch.device, world_size: int, op: str = "sum") -> list[int]:
+    """The sums (or maxima) of `values` over the ranks."""
     if world_size == 1:
         return values
     backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     total = torch.tensor(values, dtype=torch.int64, device=backend_device)
-    dist.all_reduce(total)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return total.tolist()
 
 
@@ -260,6 +273,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     Rank 0 holds the run directory's lock for the whole run (RunLockedError, a ValueError, when
     another process holds it).
     """
+    validate_model_options(config.model, config.model_options, config.num_classes)
     rank, world_size, device = setup_distributed(config.device)
     with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
         return _train(config, resume, progress, rank, world_size, device)
@@ -275,7 +289,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         for path in remove_stale_temporaries(run_dir):
             say(f"removed {path}, left by a write that did not finish")
     if not resume and (checkpoints(run_dir) or (run_dir / FINAL_MODEL).exists()):
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another output")
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another output")
 
     state = None
     if resume:
@@ -286,6 +300,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         if found is not None:
             source, state = found
             check_resumable(state["train_config"], config, source)
+        elif (run_dir / FINAL_MODEL).exists():
+            raise ValueError(f"nothing to resume in {run_dir}: it holds {FINAL_MODEL} but no checkpoint. Train "
+                             "into a new --output, or start this one afresh by removing it")
 
     seed_everything(config.seed)
     model = build(config.model, num_classes=config.num_classes, **config.model_options).to(device)
@@ -301,8 +318,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
 
     step = examples_seen = start_epoch = skip_batches = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(source, f"does not fit the model and optimizer it names: {error}") from None
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         step, examples_seen = state["step"], state["examples_seen"]
@@ -419,19 +439,18 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                                        "batch_hit_at_one": hit_at_one(probabilities, labels),
                                        "batch_perr": perr(probabilities, labels)})
                             window_start, window_examples = time.perf_counter(), 0
-                        if step % config.checkpoint_every == 0:
+                        if step % config.checkpoint_every == 0 or stop.requested:
                             checkpoint(epoch, batches_in_epoch)
                         if stop.requested:
-                            path = checkpoint(epoch, batches_in_epoch)
-                            tqdm.write(f"stopped at step {step} (epoch {epoch + 1}); checkpoint {path}. Run the same "
-                                       "command with --resume to continue from it.", file=sys.stderr)
-                            raise KeyboardInterrupt
+                            stop.interrupt(step, epoch, checkpoints(run_dir)[-1])
                         if config.max_steps is not None and step >= config.max_steps:
                             break
                 bar.close()
                 resumed_here, skip_batches = skip_batches, 0
-                epoch_examples, epoch_steps = _all_reduce_sum([epoch_examples, epoch_steps], device, world_size)
+                epoch_examples, epoch_steps = _all_reduce([epoch_examples, epoch_steps], device, world_size)
                 examples_seen = examples_at_start + epoch_examples  # exact: what the ranks trained on
+                # a rank whose shards ran out joined and stopped counting while the others stepped on
+                (step,) = _all_reduce([step], device, world_size, op="max")
                 if epoch_steps == 0 and not resumed_here:
                     raise TrainingError(_no_data_message(loader, train_files, epoch, single_videos))
                 stopped = config.max_steps is not None and step >= config.max_steps
@@ -451,6 +470,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                         valid = summary["valid"]
                         say(f"epoch {epoch + 1}: loss {summary['loss']:.4f}  valid GAP {valid['gap']:.4f}  "
                             f"mAP {valid['map']:.4f}  Hit@1 {valid['hit_at_one']:.4f}")
+                if stop.requested:  # during the validation: the epoch's checkpoint is written
+                    stop.interrupt(step, epoch, checkpoints(run_dir)[-1])
                 if world_size > 1:
                     dist.barrier()
                 if stopped:
