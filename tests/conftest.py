@@ -11,6 +11,16 @@ def make_frame_example(rng: np.random.Generator, video_id: str, num_frames: int,
     }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def record_count_cache(tmp_path_factory):
+    """The persistent record-count cache in a temporary folder: the tests never write the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("yt8m-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("YT8M_CACHE_DIR", str(folder))
+    yield folder
+    patch.undo()
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

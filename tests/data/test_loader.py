@@ -1,11 +1,12 @@
 import collections
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import make_frame_example
-from yt8m.data import CorruptRecordError, dequantize, make_loader, prepare_batch, write_examples
+from yt8m.data import CorruptRecordError, dequantize, make_loader, prepare_batch, tfrecord, write_examples
 
 
 @pytest.fixture
@@ -144,9 +145,26 @@ def uneven_shards(tmp_path, rng):
     (1, 0, 0, 4, False), (1, 0, 2, 3, True), (2, 1, 0, 2, False), (2, 0, 2, 5, True),
     (3, 2, 1, 4, False), (5, 4, 0, 3, False), (4, 1, 2, 2, True), (8, 6, 0, 1, False),
 ])
-def test_num_batches_is_what_an_epoch_yields(uneven_shards, world_size, rank, num_workers, batch_size, drop_last):
+def test_num_batches_is_what_an_epoch_yields(uneven_shards, world_size, rank, num_workers, batch_size, drop_last,
+                                            monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("YT8M_CACHE_DIR", str(tmp_path_factory.mktemp("yt8m-cache")))
     loader = make_loader(uneven_shards, level="video", batch_size=batch_size, num_classes=3, shuffle=True,
                          num_workers=num_workers, rank=rank, world_size=world_size, drop_last=drop_last)
     for _ in range(3):  # the shuffle gives each reader other files every epoch
         expected = loader.num_batches()
         assert len(list(loader)) == expected
+
+
+def test_num_batches_counts_the_ranks_files_and_writes_the_count_cache_once(uneven_shards, monkeypatch, tmp_path):
+    monkeypatch.setenv("YT8M_CACHE_DIR", str(tmp_path / "cache"))
+    counted, writes = [], []
+    count_headers, write_counts = tfrecord._count_headers, tfrecord._write_counts
+    monkeypatch.setattr(tfrecord, "_count_headers", lambda *args: counted.append(args[0]) or count_headers(*args))
+    monkeypatch.setattr(tfrecord, "_write_counts", lambda *args: writes.append(write_counts(*args)))
+    loader = make_loader(uneven_shards, level="video", batch_size=2, num_classes=3, rank=0, world_size=2)
+    assert loader.num_batches() == (3 + 13) // 2  # shards 0 and 2
+    assert [os.path.basename(path) for path in counted] == ["train0000.tfrecord", "train0002.tfrecord"]
+    assert len(writes) == 1
+    tfrecord._KNOWN_COUNTS.clear()  # a new process reads the counts from the cache file
+    assert make_loader(uneven_shards, level="video", num_classes=3, num_workers=2).num_batches() == 2
+    assert len(counted) == 3 and len(writes) == 2  # only shard 1 was new

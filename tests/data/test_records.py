@@ -277,5 +277,5 @@ def test_a_varint_at_or_above_2_64_is_a_corrupt_record_with_file_and_offset(tmp_
     with pytest.raises(CorruptRecordError, match="varint at or above 2\\^64") as info:
         list(iter_examples(path, "video"))
     assert info.value.path == str(path) and info.value.offset == len(good) + 16
-    with pytest.warns(UserWarning, match="skipped 1 record"):
+    with pytest.warns(UserWarning, match="skipped 1 corrupt record"):
         assert len(list(iter_examples(path, "video", on_error="skip"))) == 2

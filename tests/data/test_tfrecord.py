@@ -1,3 +1,4 @@
+import json
 import os
 import struct
 
@@ -5,9 +6,10 @@ import crc32c
 import numpy as np
 import pytest
 
-from yt8m.data import count_records
+from yt8m.data import count_cache_dir, count_records, count_records_many
+from yt8m.data import tfrecord
 from yt8m.data.errors import CorruptRecordError
-from yt8m.data.tfrecord import TFRecordWriter, _count_records, _masked_crcs, frame_record, masked_crc, read_records
+from yt8m.data.tfrecord import TFRecordWriter, _masked_crcs, frame_record, masked_crc, read_records
 
 
 def test_masked_crc_matches_tensorflow_definition():
@@ -90,7 +92,31 @@ def test_vectorised_header_crcs_agree_with_masked_crc():
     assert _masked_crcs(data, starts).tolist() == [masked_crc(data[s:s + 8].tobytes()) for s in starts]
 
 
-def test_count_records_reads_headers_only_and_caches(tmp_path):
+@pytest.fixture(autouse=True)
+def count_cache(tmp_path_factory, monkeypatch):
+    """A record count cache directory of the test's own."""
+    directory = tmp_path_factory.mktemp("yt8m-cache")
+    monkeypatch.setenv("YT8M_CACHE_DIR", str(directory))
+    return directory
+
+
+def refuse_to_count(monkeypatch):
+    """From now on, walking a file's headers fails: counts must come from a cache."""
+    def refuse(path, size):
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr(tfrecord, "_count_headers", refuse)
+
+
+def write_records(path, count: int) -> None:
+    path.write_bytes(b"".join(frame_record(bytes([i]) * i * 100) for i in range(count)))
+
+
+def cached_entries(directory) -> dict:
+    return json.loads((directory / tfrecord.COUNT_CACHE_FILE).read_text())["counts"]
+
+
+def test_count_records_reads_headers_only_and_caches(tmp_path, monkeypatch):
     path = tmp_path / "a.tfrecord"
     path.write_bytes(b"")
     assert count_records(path) == 0
@@ -98,10 +124,103 @@ def test_count_records_reads_headers_only_and_caches(tmp_path):
     records[2] = records[2][:-1] + bytes([records[2][-1] ^ 1])  # a payload CRC is not read
     path.write_bytes(b"".join(records))
     assert count_records(path) == 5
-    hits = _count_records.cache_info().hits
-    assert count_records(str(path)) == 5 and _count_records.cache_info().hits == hits + 1
+    with monkeypatch.context() as patch:
+        refuse_to_count(patch)
+        assert count_records(str(path)) == 5
     path.write_bytes(b"".join(records[:3]))  # another size: counted again
     assert count_records(path) == 3
+
+
+def test_counts_persist_across_processes_until_the_file_changes(tmp_path, monkeypatch, count_cache):
+    path = tmp_path / "link.tfrecord"
+    write_records(tmp_path / "a.tfrecord", 4)
+    path.symlink_to(tmp_path / "a.tfrecord")
+    assert count_records(path) == 4
+    stat = os.stat(path)
+    assert cached_entries(count_cache) == {str(tmp_path / "a.tfrecord"): [stat.st_size, stat.st_mtime_ns, 4]}
+    tfrecord._KNOWN_COUNTS.clear()  # as a new process
+    with monkeypatch.context() as patch:
+        refuse_to_count(patch)
+        assert count_records(tmp_path / "a.tfrecord") == 4
+    tfrecord._KNOWN_COUNTS.clear()
+    write_records(tmp_path / "a.tfrecord", 2)  # another size
+    assert count_records(path) == 2
+    stat = os.stat(path)
+    (tmp_path / "a.tfrecord").write_bytes(frame_record(b"x" * (stat.st_size - 16)))  # the same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # another modification time
+    tfrecord._KNOWN_COUNTS.clear()
+    assert os.path.getsize(path) == stat.st_size and count_records(path) == 1
+    assert list(cached_entries(count_cache).values())[0][2] == 1
+
+
+def test_many_counts_are_written_once_and_merged_with_other_processes(tmp_path, monkeypatch, count_cache):
+    for name, count in (("a", 1), ("b", 2), ("c", 3)):
+        write_records(tmp_path / f"{name}.tfrecord", count)
+    assert count_records(tmp_path / "a.tfrecord") == 1
+    tfrecord._KNOWN_COUNTS[count_cache].clear()  # another process, which read the cache before a was counted
+    writes = []
+    write = tfrecord._write_counts
+    monkeypatch.setattr(tfrecord, "_write_counts", lambda *args: writes.append(write(*args)))
+    assert count_records_many([tmp_path / "b.tfrecord", tmp_path / "c.tfrecord"]) == [2, 3]
+    assert len(writes) == 1 and [entry[2] for entry in cached_entries(count_cache).values()] == [1, 2, 3]
+    assert count_records_many([tmp_path / "c.tfrecord", tmp_path / "a.tfrecord"]) == [3, 1] and len(writes) == 1
+    monkeypatch.setattr(tfrecord, "_MAX_CACHED_COUNTS", 2)  # the oldest entries go
+    write_records(tmp_path / "d.tfrecord", 4)
+    assert count_records(tmp_path / "d.tfrecord") == 4
+    assert [entry[2] for entry in cached_entries(count_cache).values()] == [3, 4]
+
+
+@pytest.mark.parametrize("content", [b'{"version": 1, "counts": {"/x": [1, 2', b"\xff\x00", b"[]", b'{"version": 1}',
+                                     b'{"version": 0, "counts": {}}', b'{"version": 1, "counts": {"/x": "y"}}'])
+def test_a_torn_or_foreign_cache_file_is_ignored_and_replaced(tmp_path, count_cache, content):
+    path = tmp_path / "a.tfrecord"
+    write_records(path, 3)
+    (count_cache / tfrecord.COUNT_CACHE_FILE).write_bytes(content)
+    assert count_records(path) == 3
+    assert [entry[2] for entry in cached_entries(count_cache).values()] == [3]
+
+
+def test_a_cache_that_cannot_be_written_or_is_turned_off_still_counts(tmp_path, monkeypatch):
+    path = tmp_path / "a.tfrecord"
+    write_records(path, 3)
+    (tmp_path / "file").write_bytes(b"")
+    for directory in (str(tmp_path / "file" / "cache"), "off"):
+        monkeypatch.setenv("YT8M_CACHE_DIR", directory)
+        assert count_records(path) == 3
+        with monkeypatch.context() as patch:
+            refuse_to_count(patch)
+            assert count_records(path) == 3  # kept in the process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tfrecord", "file"]
+
+
+def test_a_failed_cache_write_leaves_the_old_file_whole_and_no_temporary(tmp_path, monkeypatch, count_cache):
+    write_records(tmp_path / "a.tfrecord", 1)
+    write_records(tmp_path / "b.tfrecord", 2)
+    assert count_records(tmp_path / "a.tfrecord") == 1
+    before = (count_cache / tfrecord.COUNT_CACHE_FILE).read_bytes()
+
+    def fail_midway(value, f, **kwargs):
+        f.write('{"version": 1, "counts": {')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        count_records(tmp_path / "b.tfrecord")
+    assert [p.name for p in count_cache.iterdir()] == [tfrecord.COUNT_CACHE_FILE]
+    assert (count_cache / tfrecord.COUNT_CACHE_FILE).read_bytes() == before
+
+
+def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("YT8M_CACHE_DIR", str(tmp_path))
+    assert count_cache_dir() == tmp_path
+    monkeypatch.setenv("YT8M_CACHE_DIR", "off")
+    assert count_cache_dir() is None
+    monkeypatch.setenv("YT8M_CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert count_cache_dir() == tmp_path / "xdg" / "yt8m"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert count_cache_dir() == tmp_path / "home" / ".cache" / "yt8m"
 
 
 @pytest.mark.parametrize("damage,reason", [(lambda r: r[:-3], "truncated record"),

@@ -15,7 +15,7 @@ from yt8m.data.records import (
     quantize,
     write_examples,
 )
-from yt8m.data.tfrecord import count_records
+from yt8m.data.tfrecord import count_cache_dir, count_records, count_records_many
 
 __all__ = [
     "AUDIO_DIM",
@@ -27,7 +27,9 @@ __all__ = [
     "YT8MLoader",
     "make_loader",
     "prepare_batch",
+    "count_cache_dir",
     "count_records",
+    "count_records_many",
     "decode_record",
     "dequantize",
     "encode_record",

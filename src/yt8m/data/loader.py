@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from yt8m.data.errors import CorruptRecordError
 from yt8m.data.records import (
     AUDIO_DIM,
     FRAME_DIMS,
@@ -34,7 +35,7 @@ from yt8m.data.records import (
     expand_paths,
     iter_records,
 )
-from yt8m.data.tfrecord import count_records
+from yt8m.data.tfrecord import count_records_many
 
 SAMPLINGS = ("all", "random", "subsequence")
 
@@ -107,10 +108,13 @@ class YT8MDataset(IterableDataset):
         framing does not add up (see `count_records`).
         """
         readers = max(1, num_workers)
+        assignments = [self.assignment(self.rank * readers + reader, self.world_size * readers, epoch)
+                       for reader in range(readers)]
+        paths = sorted({path for assignment in assignments for path, _ in assignment})
+        counts = dict(zip(paths, count_records_many(paths)))  # this rank's files only
         total = 0
-        for reader in range(readers):
-            assignment = self.assignment(self.rank * readers + reader, self.world_size * readers, epoch)
-            records = sum(len(range(r, count_records(path), m)) for path, (m, r) in assignment)
+        for assignment in assignments:
+            records = sum(len(range(r, counts[path], m)) for path, (m, r) in assignment)
             total += records // self.batch_size if self.drop_last else -(-records // self.batch_size)
         return total
 
@@ -118,9 +122,15 @@ class YT8MDataset(IterableDataset):
         """The batches; skipped records are reported in one warning when the iteration ends or is closed."""
         return _delivered(self.stream(), ReadStats())
 
-    def stream(self) -> Iterator[tuple[dict | None, ReadStats]]:
+    def stream(self) -> Iterator[tuple[dict | CorruptRecordError | None, ReadStats]]:
         """`(batch, statistics since the previous item)` pairs, then `(None, the rest)`, so that
-        the counts of worker processes reach the main process with the batches."""
+        the counts of worker processes reach the main process with the batches.
+
+        A corrupt record that is not skipped ends the stream as `(error, statistics)`: the
+        CorruptRecordError itself reaches the main process (raised in a DataLoader worker, it
+        would arrive as a RuntimeError, its file and offset only in the message), and
+        `_delivered` raises it there.
+        """
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         consumer = self.rank * num_workers + worker_id
@@ -132,11 +142,15 @@ class YT8MDataset(IterableDataset):
         if self.shuffle:
             records = _buffer_shuffle(records, self.shuffle_buffer, rng)
         batch: list[dict] = []
-        for example in records:
-            batch.append(example)
-            if len(batch) == self.batch_size:
-                yield self.collate(batch, rng), policy.take(len(batch))
-                batch = []
+        try:
+            for example in records:
+                batch.append(example)
+                if len(batch) == self.batch_size:
+                    yield self.collate(batch, rng), policy.take(len(batch))
+                    batch = []
+        except CorruptRecordError as error:
+            yield error, policy.take()
+            return
         if batch and not self.drop_last:
             yield self.collate(batch, rng), policy.take(len(batch))
         yield None, policy.take()
@@ -205,18 +219,28 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
-def _delivered(items: Iterator[tuple[dict | None, ReadStats]], stats: ReadStats) -> Iterator[dict]:
-    """The batches of `YT8MDataset.stream()` items, their statistics merged into `stats`.
+def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats]],
+               stats: ReadStats) -> Iterator[dict]:
+    """The batches of `YT8MDataset.stream()` items, their statistics merged into `stats`; a
+    CorruptRecordError item is raised.
 
-    When the iteration ends, or the consumer stops early (the generator is closed), skipped
-    records are reported in one warning attributed to the code iterating.
+    When the iteration ends, or the consumer stops early (the generator is closed), `items` is
+    closed or released (a prefetch thread or worker processes stop then, not when a traceback
+    holding this frame is collected) and skipped records are reported in one warning attributed
+    to the code iterating.
     """
     try:
         for batch, delta in items:
             stats.merge(delta)
+            if isinstance(batch, CorruptRecordError):
+                raise batch
             if batch is not None:
                 yield batch
     finally:
+        close = getattr(items, "close", None)  # generators have it; a DataLoader iterator does not
+        if close is not None:
+            close()
+        del items  # the last reference: DataLoader workers shut down now, even while a traceback holds this frame
         stats.warn(stacklevel=2)
 
 
@@ -257,10 +281,11 @@ class YT8MLoader:
     def stats(self) -> dict:
         """What the current (or last) pass read, summed over the worker processes and threads.
 
-        `records`: records in the batches received so far; `skipped` and `bytes_lost`: lost to
-        corrupt records (with `on_error="skip"`); `files`: {path: {skipped, framing_errors,
-        bytes_lost, first_error}} for each file that lost records. A framing error counts as one
-        record skipped, though the bytes skipped to resynchronise may have held none or several.
+        `records`: records in the batches received so far. With `on_error="skip"`: `skipped`,
+        the corrupt records skipped whose boundaries were intact (exact); `damaged_spans`, the
+        spans skipped to resynchronise after broken framing (each may have held any number of
+        records); `bytes_lost`, all the bytes skipped (exact); `files`: {path: {skipped,
+        damaged_spans, bytes_lost, first_error}} for each file that lost any.
         """
         return self._stats.as_dict()
 
@@ -338,9 +363,11 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     and records pass through a buffer of `shuffle_buffer` records. With `num_workers=0`, batches
     are made in a background thread (`prefetch_thread`) two ahead of the consumer. Dequantize
     on the device: `prepare_batch(batch, device)`. A corrupt record (or one with a label outside
-    [0, num_classes)) raises CorruptRecordError, or with `on_error="skip"` is skipped, counted in
-    `loader.stats()` and reported in one warning per pass. `loader.num_batches()` is the length of
-    the next pass.
+    [0, num_classes)) raises CorruptRecordError in the consumer, from worker processes too, or
+    with `on_error="skip"` is skipped, counted in `loader.stats()` and reported in one warning per
+    pass: records lost under intact framing one by one, the bytes skipped after broken framing as
+    damaged spans of unknown record counts, and the bytes lost in all. `loader.num_batches()` is
+    the length of the next pass.
     """
     dataset = YT8MDataset(paths, level, batch_size, max_frames, sampling, num_samples, num_classes, shuffle,
                           shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size)

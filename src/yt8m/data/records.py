@@ -149,25 +149,30 @@ def decode_record(payload: bytes, level: str, copy: bool = True) -> dict:
     return example
 
 
+def _losses(records: int, spans: int) -> str:
+    """'3 corrupt record(s) and 1 damaged span (records in it unknown)', either part alone if the other is 0."""
+    parts = [f"{records} corrupt record(s)"] if records else []
+    if spans:
+        parts.append("1 damaged span (records in it unknown)" if spans == 1
+                     else f"{spans} damaged spans (records in them unknown)")
+    return " and ".join(parts)
+
+
 @dataclass
 class FileLoss:
     """What one file lost to corrupt records when they were skipped."""
 
-    records: int = 0  # records skipped, each framing error counted as one
-    framing_errors: int = 0  # of those, the spans skipped to resynchronise: they may have held none or several
-    bytes: int = 0  # exact
+    records: int = 0  # records skipped whose boundaries were intact: exact
+    spans: int = 0  # spans skipped to resynchronise after broken framing: any number of records each
+    bytes: int = 0  # exact, records and spans together
     first: CorruptRecordError | None = None
 
     def describe(self, path: str) -> str:
-        text = f"{path}: skipped {self.records} record(s) ({self.bytes} bytes)"
-        if self.framing_errors:
-            text += (f", of which {self.framing_errors} framing error(s), each counted as one record though "
-                     "the bytes skipped to resynchronise may have held none or several")
-        return f"{text}; the first error: {self.first}"
+        return f"{path}: skipped {_losses(self.records, self.spans)}, {self.bytes:,} bytes; first error: {self.first}"
 
     def merge(self, other: FileLoss) -> None:
         self.records += other.records
-        self.framing_errors += other.framing_errors
+        self.spans += other.spans
         self.bytes += other.bytes
         self.first = self.first or other.first
 
@@ -181,15 +186,21 @@ class ReadStats:
 
     @property
     def skipped(self) -> int:
+        """Records skipped whose boundaries were intact (the records in damaged spans are not known)."""
         return sum(loss.records for loss in self.files.values())
+
+    @property
+    def damaged_spans(self) -> int:
+        return sum(loss.spans for loss in self.files.values())
 
     @property
     def bytes_lost(self) -> int:
         return sum(loss.bytes for loss in self.files.values())
 
     def add(self, error: CorruptRecordError, lost_bytes: int, framing: bool = False) -> None:
-        """Counts one skipped record (or, with `framing`, a span of any number of them) of `lost_bytes`."""
-        self.files.setdefault(error.path, FileLoss()).merge(FileLoss(1, int(framing), lost_bytes, error))
+        """Counts one skipped record (or, with `framing`, a damaged span of unknown records) of `lost_bytes`."""
+        loss = FileLoss(records=int(not framing), spans=int(framing), bytes=lost_bytes, first=error)
+        self.files.setdefault(error.path, FileLoss()).merge(loss)
 
     def merge(self, other: ReadStats) -> None:
         self.records += other.records
@@ -197,22 +208,23 @@ class ReadStats:
             self.files.setdefault(path, FileLoss()).merge(loss)
 
     def as_dict(self) -> dict:
-        """Plain values: records, skipped, bytes_lost, and per file skipped, framing_errors,
-        bytes_lost and first_error (the message of the first)."""
-        return {"records": self.records, "skipped": self.skipped, "bytes_lost": self.bytes_lost,
-                "files": {path: {"skipped": loss.records, "framing_errors": loss.framing_errors,
+        """Plain values: records, skipped, damaged_spans, bytes_lost, and per file skipped,
+        damaged_spans, bytes_lost and first_error (the message of the first)."""
+        return {"records": self.records, "skipped": self.skipped, "damaged_spans": self.damaged_spans,
+                "bytes_lost": self.bytes_lost,
+                "files": {path: {"skipped": loss.records, "damaged_spans": loss.spans,
                                  "bytes_lost": loss.bytes, "first_error": str(loss.first)}
                           for path, loss in self.files.items()}}
 
     def warn(self, stacklevel: int = 1, max_files: int = 10) -> None:
-        """One warning, if records were skipped: the totals, then a line per file (`max_files` at most).
+        """One warning, if anything was skipped: the totals, then a line per file (`max_files` at most).
 
         `stacklevel` as `warnings.warn`'s, counted from the caller of this method.
         """
         if not self.files:
             return
-        lines = [f"skipped {self.skipped} corrupt record(s), {self.bytes_lost} bytes, in {len(self.files)} "
-                 f"file(s), and delivered {self.records}:"]
+        lines = [f"skipped {_losses(self.skipped, self.damaged_spans)}, {self.bytes_lost:,} bytes in all, "
+                 f"in {len(self.files)} file(s); delivered {self.records}:"]
         lines += [loss.describe(path) for path, loss in itertools.islice(self.files.items(), max_files)]
         if len(self.files) > max_files:
             lines.append(f"... and {len(self.files) - max_files} more file(s)")
@@ -229,7 +241,7 @@ class ErrorPolicy:
         self.stats = ReadStats()
 
     def handle(self, error: CorruptRecordError, lost_bytes: int, framing: bool = False) -> None:
-        """Raises `error`, or counts it: `lost_bytes` skipped, `framing` if they may hold any number of records."""
+        """Raises `error`, or counts it: `lost_bytes` skipped, with `framing` a damaged span of unknown records."""
         if self.on_error == "raise":
             raise error
         self.stats.add(error, lost_bytes, framing)
@@ -247,7 +259,7 @@ def iter_records(files: Iterable[str], level: str, policy: ErrorPolicy, copy: bo
     """Yield `(path, byte_offset, example)` for the readable records of `files`.
 
     With `every=(m, r)` only the records whose index in their file is r modulo m are decoded, and
-    only their losses are reported (a framing error takes one index). With `num_classes`, a
+    only their losses are reported (a damaged span takes one index). With `num_classes`, a
     record with a label outside [0, num_classes) is corrupt.
     """
     modulus, remainder = every
@@ -304,9 +316,11 @@ def iter_examples(paths: PathArg, level: str, on_error: str = "raise", check_crc
              segment_scores (float32)
     A missing `labels` key gives an empty array; the 2017 key `video_id` is read as `id`.
     Bad records raise `CorruptRecordError` (file and byte offset), or with `on_error="skip"` are
-    skipped (a bad payload loses that record only; after broken framing reading resumes at the
-    next intact record) and reported, per file with the records and bytes lost, in one warning
-    when the iteration ends or is closed early.
+    skipped and reported in one warning when the iteration ends or is closed early: a bad payload
+    under an intact header loses that record only (counted as a record); after broken framing,
+    reading resumes at the next intact record and the bytes skipped count as one damaged span,
+    which may have held any number of records. The warning gives the records, spans and bytes
+    lost, in all and per file.
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")

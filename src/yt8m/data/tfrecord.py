@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import itertools
+import json
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterator
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import crc32c
@@ -157,19 +161,104 @@ def _resynchronise(data: memoryview, start: int) -> int:
     return size
 
 
+COUNT_CACHE_FILE = "record-counts.json"
+_COUNT_CACHE_VERSION = 1
+_MAX_CACHED_COUNTS = 1 << 17  # the oldest entries go first
+# {cache dir: {real path: (size, mtime_ns, count)}}, the cache file's entries and this process's counts
+_KNOWN_COUNTS: dict[Path | None, dict[str, tuple[int, int, int]]] = {}
+_COUNTS_LOCK = threading.Lock()
+
+
+def count_cache_dir() -> Path | None:
+    """Where record counts persist across processes: `$YT8M_CACHE_DIR`, else `$XDG_CACHE_HOME/yt8m`,
+    else `~/.cache/yt8m`; None (counts kept in the process only) with `YT8M_CACHE_DIR=off`."""
+    directory = os.environ.get("YT8M_CACHE_DIR")
+    if directory == "off":
+        return None
+    if not directory:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        if base.startswith("~"):  # no home directory to expand
+            return None
+        directory = os.path.join(base, "yt8m")
+    return Path(os.path.abspath(directory))
+
+
 def count_records(path: str | os.PathLike) -> int:
     """The number of records in a TFRecord file, from its length headers alone (no payload is read).
 
-    Cached per process by (real path, size, modification time). Raises CorruptRecordError if a
-    length CRC does not match or the records do not end exactly at the end of the file.
+    Counts are cached by real path, size and modification time: in the process, and across
+    processes in a file under `count_cache_dir()`. Raises CorruptRecordError if a length CRC does
+    not match or the records do not end exactly at the end of the file.
     """
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    return _count_records(real, stat.st_size, stat.st_mtime_ns)
+    return count_records_many([path])[0]
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _count_records(path: str, size: int, mtime_ns: int) -> int:
+def count_records_many(paths: Iterable[str | os.PathLike]) -> list[int]:
+    """`count_records` of each path, the cache file written once for them all."""
+    cache = count_cache_dir()
+    counts, counted = [], False
+    with _COUNTS_LOCK:
+        known = _known_counts(cache)
+        try:
+            for path in paths:
+                real = os.path.realpath(path)
+                stat = os.stat(real)
+                entry = known.get(real)
+                if entry is None or entry[:2] != (stat.st_size, stat.st_mtime_ns):
+                    entry = known[real] = (stat.st_size, stat.st_mtime_ns, _count_headers(real, stat.st_size))
+                    counted = True
+                counts.append(entry[2])
+        finally:  # what was counted before a corrupt file is kept
+            if counted and cache is not None:
+                _write_counts(cache, known)
+    return counts
+
+
+def _known_counts(cache: Path | None) -> dict[str, tuple[int, int, int]]:
+    """The counts this process knows for `cache`, read from its file the first time."""
+    known = _KNOWN_COUNTS.get(cache)
+    if known is None:
+        known = _KNOWN_COUNTS[cache] = _read_counts(cache) if cache is not None else {}
+    return known
+
+
+def _read_counts(cache: Path) -> dict[str, tuple[int, int, int]]:
+    """The entries of the cache file; none where it is missing, unreadable, torn or of another version."""
+    try:
+        stored = json.loads((cache / COUNT_CACHE_FILE).read_bytes())
+        if stored["version"] != _COUNT_CACHE_VERSION:
+            return {}
+        return {path: tuple(entry) for path, entry in stored["counts"].items()
+                if isinstance(entry, list) and len(entry) == 3 and all(type(value) is int for value in entry)}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _write_counts(cache: Path, known: dict[str, tuple[int, int, int]]) -> None:
+    """Adds the cache file's other entries (other processes' counts) to `known` and writes them all,
+    the file replaced whole so that readers never see it torn; a cache that cannot be written is skipped."""
+    merged = {path: entry for path, entry in _read_counts(cache).items() if path not in known}
+    merged.update(known)
+    known.clear()
+    known.update(itertools.islice(merged.items(), max(0, len(merged) - _MAX_CACHED_COUNTS), None))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{COUNT_CACHE_FILE}.", suffix=".tmp", dir=cache)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": _COUNT_CACHE_VERSION, "counts": known}, f, separators=(",", ":"))
+        os.replace(temporary, cache / COUNT_CACHE_FILE)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if not isinstance(error, OSError):
+            raise
+
+
+def _count_headers(path: str, size: int) -> int:
+    """The records of the file at `path`, `size` bytes long, from a walk over its length headers."""
     count = offset = 0
     with open(path, "rb", buffering=0) as f:
         while offset < size:

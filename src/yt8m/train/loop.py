@@ -30,7 +30,7 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from yt8m.data import CorruptRecordError, count_records, make_loader, prepare_batch
+from yt8m.data import CorruptRecordError, count_records_many, make_loader, prepare_batch
 from yt8m.data.records import expand_paths
 from yt8m.metrics import gap, hit_at_one, perr
 from yt8m.models import build
@@ -262,7 +262,7 @@ def _num_batches(loader) -> int | None:
 
 def _count_videos(files: list[str]) -> str:
     try:
-        return f"{sum(count_records(path) for path in files):,} videos"
+        return f"{sum(count_records_many(files)):,} videos"
     except (CorruptRecordError, OSError):  # a damaged shard: the loader reports it in detail
         return "videos uncounted (a shard could not be framed)"
 
@@ -274,9 +274,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     another process holds it).
     """
     validate_model_options(config.model, config.model_options, config.num_classes)
+    owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world_size, device = setup_distributed(config.device)
-    with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
-        return _train(config, resume, progress, rank, world_size, device)
+    try:
+        with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
+            return _train(config, resume, progress, rank, world_size, device)
+    finally:  # a process group left to the interpreter's exit can abort it (gloo's threads)
+        if owns_group and world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_size: int,
@@ -490,11 +495,12 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
 
 def _no_data_message(loader, files: list[str], epoch: int, single_videos: int) -> str:
     stats = loader.stats()
-    read, skipped = stats["records"], stats["skipped"]
+    spans = f" and {stats['damaged_spans']} damaged span(s) of records" if stats["damaged_spans"] else ""
     why = (f"; its {single_videos} batch(es) held one video each, too few for BatchNorm: add data or lower "
            "--batch-size" if single_videos else "")
-    return (f"no training data in epoch {epoch + 1}: {read} record(s) read and {skipped} skipped as corrupt from "
-            f"{len(files)} file(s){why}. Nothing was trained and no model was written.")
+    return (f"no training data in epoch {epoch + 1}: {stats['records']} record(s) read and {stats['skipped']} "
+            f"skipped as corrupt{spans} from {len(files)} file(s){why}. Nothing was trained and no model was "
+            "written.")
 
 
 def config_path(run_dir: str | Path) -> Path:
