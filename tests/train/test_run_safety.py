@@ -168,16 +168,25 @@ def test_one_writer_per_run_directory_and_a_dead_holder_is_taken_over(tiny_corpu
     assert train(make_config(tiny_corpus, run_dir, "moe", epochs=1), progress=False)["steps"] == 7
 
 
+def start_long_training(corpus, run_dir: Path) -> subprocess.Popen:
+    """`yt8m train` of many epochs in a process of its own, once it has logged its first step."""
+    command = [sys.executable, "-m", "yt8m.cli", "train", "moe", "--train-data",
+               str(corpus.out_dir / "video" / "train*.tfrecord"), "--output", str(run_dir),
+               "--num-classes", "12", "--batch-size", "8", "--epochs", "500", "--quiet", "--set", "device=cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    log = run_dir / "metrics.jsonl"
+    while not (log.exists() and log.read_text().endswith("\n")):  # a whole first line
+        assert time.time() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.1)
+    return process
+
+
 def test_two_concurrent_train_commands_one_exits_2_naming_the_holder(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "yt8m.cli", "train", "moe", "--train-data",
-               str(tiny_corpus.out_dir / "video" / "train*.tfrecord"), "--output", str(run_dir),
-               "--num-classes", "12", "--batch-size", "8", "--epochs", "200", "--quiet", "--set", "device=cpu"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start_long_training(tiny_corpus, run_dir)
+    command = first.args
     try:
-        deadline = time.time() + 60
-        while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
-            time.sleep(0.1)
         second = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and f"in use by process {first.pid}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -427,14 +436,7 @@ def test_a_lock_file_that_is_a_link_is_not_followed(tiny_corpus, tmp_path):
 
 def test_ctrl_c_on_the_command_line_exits_130_with_how_to_resume(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "yt8m.cli", "train", "moe", "--train-data",
-               str(tiny_corpus.out_dir / "video" / "train*.tfrecord"), "--output", str(run_dir),
-               "--num-classes", "12", "--batch-size", "8", "--epochs", "500", "--quiet", "--set", "device=cpu"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.1)
+    process = start_long_training(tiny_corpus, run_dir)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err
