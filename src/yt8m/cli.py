@@ -54,8 +54,11 @@ def main() -> None:
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """Warnings as a person reads them: `warning: MESSAGE`, without the source line."""
-    return f"warning: {message}\n"
+    """Warnings as a person reads them: `warning: MESSAGE` for yt8m's own (UserWarning), the category
+    and origin kept for any other."""
+    if category is UserWarning:
+        return f"warning: {message}\n"
+    return f"{category.__name__}: {message} ({filename}:{lineno})\n"
 
 
 @main.command()
@@ -218,7 +221,8 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
         summary = _data_errors(lambda: run_training(config, resume=resume, progress=not quiet))
     except TrainingError as error:
         raise click.ClickException(str(error)) from None
-    except KeyboardInterrupt:  # the loop has said where it stopped and how to resume
+    except KeyboardInterrupt:  # a stop after a step has said where, and how to resume
+        click.echo("interrupted", err=True)
         raise SystemExit(130) from None
     if summary["rank"] != 0:  # under torchrun, rank 0 reports
         return

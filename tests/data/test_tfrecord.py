@@ -137,7 +137,8 @@ def test_counts_persist_across_processes_until_the_file_changes(tmp_path, monkey
     path.symlink_to(tmp_path / "a.tfrecord")
     assert count_records(path) == 4
     stat = os.stat(path)
-    assert cached_entries(count_cache) == {str(tmp_path / "a.tfrecord"): [stat.st_size, stat.st_mtime_ns, 4]}
+    assert cached_entries(count_cache) == {
+        str(tmp_path / "a.tfrecord"): [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, 4]}
     tfrecord._KNOWN_COUNTS.clear()  # as a new process
     with monkeypatch.context() as patch:
         refuse_to_count(patch)
@@ -150,7 +151,21 @@ def test_counts_persist_across_processes_until_the_file_changes(tmp_path, monkey
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # another modification time
     tfrecord._KNOWN_COUNTS.clear()
     assert os.path.getsize(path) == stat.st_size and count_records(path) == 1
-    assert list(cached_entries(count_cache).values())[0][2] == 1
+    assert list(cached_entries(count_cache).values())[0][-1] == 1
+
+
+def test_a_file_replaced_by_one_of_the_same_size_and_modification_time_is_counted_again(tmp_path, count_cache):
+    path = tmp_path / "a.tfrecord"
+    write_records(path, 4)
+    assert count_records(path) == 4
+    stat = os.stat(path)
+    replacement = tmp_path / "b.tfrecord"  # as rsync -a, cp -p or tar x leave it
+    replacement.write_bytes(frame_record(b"x" * (stat.st_size - 16)))
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, path)
+    tfrecord._KNOWN_COUNTS.clear()  # as a new process
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert count_records(path) == 1
 
 
 def test_many_counts_are_written_once_and_merged_with_other_processes(tmp_path, monkeypatch, count_cache):
@@ -162,12 +177,12 @@ def test_many_counts_are_written_once_and_merged_with_other_processes(tmp_path, 
     write = tfrecord._write_counts
     monkeypatch.setattr(tfrecord, "_write_counts", lambda *args: writes.append(write(*args)))
     assert count_records_many([tmp_path / "b.tfrecord", tmp_path / "c.tfrecord"]) == [2, 3]
-    assert len(writes) == 1 and [entry[2] for entry in cached_entries(count_cache).values()] == [1, 2, 3]
+    assert len(writes) == 1 and [entry[-1] for entry in cached_entries(count_cache).values()] == [1, 2, 3]
     assert count_records_many([tmp_path / "c.tfrecord", tmp_path / "a.tfrecord"]) == [3, 1] and len(writes) == 1
     monkeypatch.setattr(tfrecord, "_MAX_CACHED_COUNTS", 2)  # the oldest entries go
     write_records(tmp_path / "d.tfrecord", 4)
     assert count_records(tmp_path / "d.tfrecord") == 4
-    assert [entry[2] for entry in cached_entries(count_cache).values()] == [3, 4]
+    assert [entry[-1] for entry in cached_entries(count_cache).values()] == [3, 4]
 
 
 @pytest.mark.parametrize("content", [b'{"version": 1, "counts": {"/x": [1, 2', b"\xff\x00", b"[]", b'{"version": 1}',
@@ -177,7 +192,7 @@ def test_a_torn_or_foreign_cache_file_is_ignored_and_replaced(tmp_path, count_ca
     write_records(path, 3)
     (count_cache / tfrecord.COUNT_CACHE_FILE).write_bytes(content)
     assert count_records(path) == 3
-    assert [entry[2] for entry in cached_entries(count_cache).values()] == [3]
+    assert [entry[-1] for entry in cached_entries(count_cache).values()] == [3]
 
 
 def test_a_cache_that_cannot_be_written_or_is_turned_off_still_counts(tmp_path, monkeypatch):

@@ -300,7 +300,7 @@ def test_resume_of_a_finished_run_says_it_is_finished(tiny_corpus, tmp_path, cap
     train(config, progress=False)
     summary = train(config, resume=True, progress=False)
     assert summary["finished_before"] and summary["steps"] == 7
-    assert "is finished (epoch 1, step 7): nothing to train. Raise --epochs" in capsys.readouterr().err
+    assert "is finished (1 epoch(s), step 7): nothing to train. Raise --epochs (now 1)" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_says_how_to_resume(tiny_corpus, tmp_path, monkeypatch,
@@ -441,3 +441,27 @@ def test_ctrl_c_on_the_command_line_exits_130_with_how_to_resume(tiny_corpus, tm
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err
     assert "with --resume to continue" in err and str(checkpoints(run_dir)[-1]) in err
+
+
+@pytest.mark.parametrize("at_validation, interrupted", [(1, True), (2, False)])
+def test_ctrl_c_during_a_validation_stops_after_it_and_the_last_one_finishes_the_run(
+        tiny_corpus, tmp_path, monkeypatch, at_validation, interrupted):
+    import yt8m.train.loop as loop
+
+    calls = {"n": 0}
+    evaluate = loop.evaluate
+
+    def evaluate_with_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_validation:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate_with_ctrl_c)
+    run_dir = tmp_path / "run"
+    config = make_config(tiny_corpus, run_dir, "moe", checkpoint_every=100,
+                         valid_data=[str(p) for p in tiny_corpus.files["video"]["validate"]])
+    with pytest.raises(KeyboardInterrupt) if interrupted else contextlib.nullcontext():
+        train(config, progress=False)
+    assert (run_dir / "model.pt").exists() != interrupted
+    assert checkpoints(run_dir)[-1].name == ("step-00000007.pt" if interrupted else "step-00000014.pt")

@@ -162,10 +162,13 @@ def _resynchronise(data: memoryview, start: int) -> int:
 
 
 COUNT_CACHE_FILE = "record-counts.json"
-_COUNT_CACHE_VERSION = 1
+_COUNT_CACHE_VERSION = 2
 _MAX_CACHED_COUNTS = 1 << 17  # the oldest entries go first
-# {cache dir: {real path: (size, mtime_ns, count)}}, the cache file's entries and this process's counts
-_KNOWN_COUNTS: dict[Path | None, dict[str, tuple[int, int, int]]] = {}
+# {cache dir: {real path: (size, mtime_ns, ctime_ns, inode, count)}}, the cache file's entries and this
+# process's counts. The change time and inode tell a file replaced by another of the same size and
+# modification time (rsync -a, cp -p, tar x): no tool sets them.
+_KNOWN_COUNTS: dict[Path | None, dict[str, tuple[int, ...]]] = {}
+_ENTRY = 5
 _COUNTS_LOCK = threading.Lock()
 
 
@@ -186,7 +189,7 @@ def count_cache_dir() -> Path | None:
 def count_records(path: str | os.PathLike) -> int:
     """The number of records in a TFRecord file, from its length headers alone (no payload is read).
 
-    Counts are cached by real path, size and modification time: in the process, and across
+    Counts are cached by real path, size, modification and change time and inode: in the process, and across
     processes in a file under `count_cache_dir()`. Raises CorruptRecordError if a length CRC does
     not match or the records do not end exactly at the end of the file.
     """
@@ -203,18 +206,19 @@ def count_records_many(paths: Iterable[str | os.PathLike]) -> list[int]:
             for path in paths:
                 real = os.path.realpath(path)
                 stat = os.stat(real)
+                key = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
                 entry = known.get(real)
-                if entry is None or entry[:2] != (stat.st_size, stat.st_mtime_ns):
-                    entry = known[real] = (stat.st_size, stat.st_mtime_ns, _count_headers(real, stat.st_size))
+                if entry is None or entry[:-1] != key:
+                    entry = known[real] = (*key, _count_headers(real, stat.st_size))
                     counted = True
-                counts.append(entry[2])
+                counts.append(entry[-1])
         finally:  # what was counted before a corrupt file is kept
             if counted and cache is not None:
                 _write_counts(cache, known)
     return counts
 
 
-def _known_counts(cache: Path | None) -> dict[str, tuple[int, int, int]]:
+def _known_counts(cache: Path | None) -> dict[str, tuple[int, ...]]:
     """The counts this process knows for `cache`, read from its file the first time."""
     known = _KNOWN_COUNTS.get(cache)
     if known is None:
@@ -222,19 +226,19 @@ def _known_counts(cache: Path | None) -> dict[str, tuple[int, int, int]]:
     return known
 
 
-def _read_counts(cache: Path) -> dict[str, tuple[int, int, int]]:
+def _read_counts(cache: Path) -> dict[str, tuple[int, ...]]:
     """The entries of the cache file; none where it is missing, unreadable, torn or of another version."""
     try:
         stored = json.loads((cache / COUNT_CACHE_FILE).read_bytes())
         if stored["version"] != _COUNT_CACHE_VERSION:
             return {}
         return {path: tuple(entry) for path, entry in stored["counts"].items()
-                if isinstance(entry, list) and len(entry) == 3 and all(type(value) is int for value in entry)}
+                if isinstance(entry, list) and len(entry) == _ENTRY and all(type(value) is int for value in entry)}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
 
 
-def _write_counts(cache: Path, known: dict[str, tuple[int, int, int]]) -> None:
+def _write_counts(cache: Path, known: dict[str, tuple[int, ...]]) -> None:
     """Adds the cache file's other entries (other processes' counts) to `known` and writes them all,
     the file replaced whole so that readers never see it torn; a cache that cannot be written is skipped."""
     merged = {path: entry for path, entry in _read_counts(cache).items() if path not in known}
@@ -247,6 +251,7 @@ def _write_counts(cache: Path, known: dict[str, tuple[int, int, int]]) -> None:
     except OSError:
         return
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep a shared cache folder from being shared
         with os.fdopen(fd, "w") as f:
             json.dump({"version": _COUNT_CACHE_VERSION, "counts": known}, f, separators=(",", ":"))
         os.replace(temporary, cache / COUNT_CACHE_FILE)

@@ -118,7 +118,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(path, "empty file (a write that never finished?)")
     expected = recorded_digest(path)
     if expected is None:
-        trust = f"if you trust it, record its digest: sha256sum {path.name} > {digest_path(path).name}"
+        trust = (f"if you trust it, record its digest: cd {path.parent} && sha256sum {path.name} > "
+                 f"{digest_path(path).name}")
         if require_digest:
             raise CheckpointError(path, f"no {DIGEST_SUFFIX} digest beside it (written before digests, or its "
                                         f"digest was removed); {trust}")

@@ -71,7 +71,8 @@ class TrainConfig:
             # Adam moves every weight by about lr in its first step: beyond MAX_LR nothing trains
             (self.lr is None or 0 < self.lr <= MAX_LR, f"lr must be in (0, {MAX_LR:g}], got {self.lr}"),
             (0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}"),
-            (self.clip_norm > 0, f"clip_norm must be > 0, got {self.clip_norm} (clip: none turns clipping off)"),
+            (self.clip == "none" or self.clip_norm > 0,
+             f"clip_norm must be > 0, got {self.clip_norm} (clip: none turns clipping off)"),
             (self.l2 >= 0, f"l2 must be >= 0, got {self.l2}"),
             (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             (self.lr_decay_examples >= 1, f"lr_decay_examples must be >= 1, got {self.lr_decay_examples}"),

@@ -10,6 +10,7 @@ holds its lock. `batch_size` is per rank.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -185,6 +186,9 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+        # once per process, at its exit: left to the interpreter's teardown, gloo's threads can abort it,
+        # and a group destroyed after each train() cannot always be made again under torchrun
+        atexit.register(dist.destroy_process_group)
     if not dist.is_initialized():
         return 0, 1, resolve_device(device)
     resolved = resolve_device(device)
@@ -217,12 +221,16 @@ class StopRequest:
         self.requested = False
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self._previous = None
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker inherited the handler: the main process stops it
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
+        print("\nstopping after this step, or the validation under way (Ctrl-C again to stop at once)...",
+              file=sys.stderr, flush=True)
 
     @staticmethod
     def interrupt(step: int, epoch: int, checkpoint: Path) -> None:
@@ -274,14 +282,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     another process holds it).
     """
     validate_model_options(config.model, config.model_options, config.num_classes)
-    owns_group = not (dist.is_available() and dist.is_initialized())
+    resolve_device(config.device)  # before any process group is made
     rank, world_size, device = setup_distributed(config.device)
-    try:
-        with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
-            return _train(config, resume, progress, rank, world_size, device)
-    finally:  # a process group left to the interpreter's exit can abort it (gloo's threads)
-        if owns_group and world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
+        return _train(config, resume, progress, rank, world_size, device)
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_size: int,
@@ -364,8 +368,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                "finished_before": finished}
     if finished and (run_dir / FINAL_MODEL).exists():
         if main_rank:
-            tqdm.write(f"{run_dir} is finished (epoch {start_epoch}, step {step}): nothing to train. Raise --epochs "
-                       f"(now {config.epochs}) or --max-steps to train it further.", file=sys.stderr)
+            limit = (f"--max-steps (now {config.max_steps})" if config.max_steps is not None and step >= config.max_steps
+                     else f"--epochs (now {config.epochs})")
+            where = f"{start_epoch} epoch(s)" if state["batches_in_epoch"] == 0 else f"epoch {start_epoch + 1}"
+            tqdm.write(f"{run_dir} is finished ({where}, step {step}): nothing to train. Raise {limit} to train it "
+                       "further.", file=sys.stderr)
         return summary
 
     train_files = expand_paths(config.train_data)
@@ -475,7 +482,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                         valid = summary["valid"]
                         say(f"epoch {epoch + 1}: loss {summary['loss']:.4f}  valid GAP {valid['gap']:.4f}  "
                             f"mAP {valid['map']:.4f}  Hit@1 {valid['hit_at_one']:.4f}")
-                if stop.requested:  # during the validation: the epoch's checkpoint is written
+                last_epoch = stopped or epoch + 1 == config.epochs
+                if stop.requested and not last_epoch:  # during the validation: the epoch's checkpoint is written
                     stop.interrupt(step, epoch, checkpoints(run_dir)[-1])
                 if world_size > 1:
                     dist.barrier()
