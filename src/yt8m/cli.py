@@ -145,16 +145,13 @@ def _protected(source: Path) -> list[Path]:
 
 
 def _run_config(output: Path, model: str, num_classes: int | None) -> dict:
-    """The config keys of the run in `output`, to resume it; refuses another model or class count."""
+    """The config keys of the run in `output`, to resume it; refuses another model or class count before
+    the run's options are merged into the command's (the loop checks the checkpoint itself later)."""
     from yt8m.train import load_yaml
-    from yt8m.train.loop import config_path
+    from yt8m.train.loop import check_resumable, config_path
 
     values = load_yaml(config_path(output))
-    for key, flag, given in (("model", "MODEL", model), ("num_classes", "--num-classes", num_classes)):
-        if given is not None and key in values and values[key] != given:
-            raise ValueError(f"cannot resume {output} with a different configuration: {key}: the run has "
-                             f"{values[key]!r}, this command {given!r} ({flag}); resume with the run's settings, or "
-                             "train into a new --output")
+    check_resumable(values, {"model": model, "num_classes": num_classes}, str(output))
     return values
 
 

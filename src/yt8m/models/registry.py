@@ -152,17 +152,21 @@ def entry(name: str) -> ModelEntry:
     return resolve(name)[0]
 
 
+def check_option_names(name: str, entry: ModelEntry, options) -> None:
+    """Raises ValueError naming the options (keys of `options`) that model `name` does not take."""
+    accepted = sorted(p for p in inspect.signature(entry.builder).parameters if p != "num_classes")
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} has no option(s) {unknown}; options: {', '.join(accepted)}")
+
+
 def build(name: str, num_classes: int = 3862, **overrides) -> nn.Module:
     """A model by registered name or preset, with `overrides` on top of its defaults.
 
     The model's `config` records every argument, so `build(**model.config)` rebuilds it.
     """
     found, preset_options, preset = resolve(name)
-    parameters = inspect.signature(found.builder).parameters
-    unknown = set(overrides) - set(parameters)
-    if unknown:
-        accepted = sorted(p for p in parameters if p != "num_classes")
-        raise ValueError(f"model {name!r} has no option(s) {sorted(unknown)}; options: {', '.join(accepted)}")
+    check_option_names(name, found, overrides)
     arguments = {**found.defaults, **preset_options, **overrides, "num_classes": num_classes}
     model = found.builder(**arguments)
     bound = inspect.signature(found.builder).bind(**arguments)

@@ -78,17 +78,15 @@ def atomic_save(obj, path: Path) -> None:
     half a file under the final name, and two writers never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tmp_digest = temporary_path(path), temporary_path(digest_path(path))
+    tmp = temporary_path(path)
     try:
         torch.save(obj, tmp)
-        tmp_digest.write_text(f"{file_digest(tmp)}  {path.name}\n")
         # the digest first: a crash between the two renames leaves a digest that the old file
         # fails (reported, never trusted), not a new file without a digest
-        _replace_durably(tmp_digest, digest_path(path))
+        atomic_write_text(digest_path(path), f"{file_digest(tmp)}  {path.name}\n")
         _replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-        tmp_digest.unlink(missing_ok=True)
 
 
 def recorded_digest(path: Path) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from yt8m.models.registry import build, resolve
+from yt8m.models.registry import build, check_option_names, resolve
 
 CLIP_MODES = ("per_parameter", "global", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -174,11 +174,7 @@ def validate_model_options(model: str, options: Mapping, num_classes: int) -> No
     sizes and counts positive, and then builds the model on the meta device (no memory, no time),
     turning whatever that raises into a ValueError naming the options."""
     found, _, _ = resolve(model)
-    parameters = inspect.signature(found.builder).parameters
-    accepted = sorted(p for p in parameters if p != "num_classes")
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"model {model!r} has no option(s) {unknown}; options: {', '.join(accepted)}")
+    check_option_names(model, found, options)
     hints = typing.get_type_hints(found.builder.__init__ if inspect.isclass(found.builder) else found.builder)
     for name, value in options.items():
         key = f"model_options.{name}"

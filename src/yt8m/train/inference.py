@@ -51,6 +51,15 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def progress_total(loader) -> int | None:
+    """The batches of the loader's next pass, a progress bar's total; None where a shard cannot be
+    counted (damaged framing, unreadable): reading it then raises or skips, as on_error says."""
+    try:
+        return loader.num_batches()
+    except (CorruptRecordError, OSError):
+        return None
+
+
 def predict_batches(model: nn.Module, data, num_classes: int, device: torch.device, batch_size: int = 256,
                     max_frames: int = 300, precision: str = "fp32", num_workers: int = 0, on_error: str = "raise",
                     progress: bool = True, desc: str = "predict") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
@@ -62,12 +71,8 @@ def predict_batches(model: nn.Module, data, num_classes: int, device: torch.devi
     # every record, even inside a distributed run (where rank 0 validates alone)
     loader = make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
                          num_classes=num_classes, num_workers=num_workers, on_error=on_error, rank=0, world_size=1)
-    try:
-        total = loader.num_batches()
-    except CorruptRecordError:  # a shard's framing is damaged: reading it raises or skips, as on_error says
-        total = None
     model.eval()
-    with torch.inference_mode(), tqdm(total=total, desc=desc, unit="batch", disable=not progress,
+    with torch.inference_mode(), tqdm(total=progress_total(loader), desc=desc, unit="batch", disable=not progress,
                                       leave=False) as bar:
         start, videos = time.perf_counter(), 0
         for batch in loader:

@@ -46,7 +46,7 @@ from yt8m.train.checkpoint import (
     save_checkpoint,
 )
 from yt8m.train.config import TrainConfig, validate_model_options
-from yt8m.train.inference import autocast, evaluate, resolve_device
+from yt8m.train.inference import autocast, evaluate, progress_total, resolve_device
 from yt8m.train.lock import RunLock
 
 CONFIG_FILE = "config.yaml"
@@ -183,6 +183,7 @@ def seed_everything(seed: int) -> None:
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group when launched by torchrun."""
+    resolved = resolve_device(device)  # a bad device is refused before any process group is made
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
@@ -190,8 +191,7 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
         # and a group destroyed after each train() cannot always be made again under torchrun
         atexit.register(dist.destroy_process_group)
     if not dist.is_initialized():
-        return 0, 1, resolve_device(device)
-    resolved = resolve_device(device)
+        return 0, 1, resolved
     if resolved.type == "cuda":
         local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
         if local_rank >= count:
@@ -203,13 +203,13 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), resolved
 
 
-def check_resumable(saved: dict, config: TrainConfig, source: Path) -> None:
-    """Raises ValueError naming each of RESUME_KEYS on which `config` differs from the run's."""
-    current = config.to_dict()
+def check_resumable(saved: dict, current: dict, run: str) -> None:
+    """Raises ValueError naming each of RESUME_KEYS that `current` sets (not None) to another value than
+    the run's config `saved`; `run` says which run (and file) it is."""
     differ = [f"{key}: the run has {saved.get(key)!r}, this command {current[key]!r}"
-              for key in RESUME_KEYS if saved.get(key) != current[key]]
+              for key in RESUME_KEYS if current.get(key) is not None and saved.get(key) != current[key]]
     if differ:
-        raise ValueError(f"cannot resume {config.output} ({source.name}) with a different configuration:\n  "
+        raise ValueError(f"cannot resume {run} with a different configuration:\n  "
                          + "\n  ".join(differ) + "\nresume with the run's settings, or train into a new --output")
 
 
@@ -259,15 +259,6 @@ def _all_reduce(values: list[int], device: torch.device, world_size: int, op: st
     return total.tolist()
 
 
-def _num_batches(loader) -> int | None:
-    """The epoch's batches for the progress bar's total; None where a shard's framing is damaged
-    (the loader then reports the damage as it reads)."""
-    try:
-        return loader.num_batches()
-    except (CorruptRecordError, OSError):
-        return None
-
-
 def _count_videos(files: list[str]) -> str:
     try:
         return f"{sum(count_records_many(files)):,} videos"
@@ -282,7 +273,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     another process holds it).
     """
     validate_model_options(config.model, config.model_options, config.num_classes)
-    resolve_device(config.device)  # before any process group is made
     rank, world_size, device = setup_distributed(config.device)
     with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
         return _train(config, resume, progress, rank, world_size, device)
@@ -308,7 +298,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         found = latest_intact_checkpoint(run_dir, map_location=device, report=report)
         if found is not None:
             source, state = found
-            check_resumable(state["train_config"], config, source)
+            check_resumable(state["train_config"], config.to_dict(), f"{run_dir} ({source.name})")
         elif (run_dir / FINAL_MODEL).exists():
             raise ValueError(f"nothing to resume in {run_dir}: it holds {FINAL_MODEL} but no checkpoint. Train "
                              "into a new --output, or start this one afresh by removing it")
@@ -350,11 +340,14 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}}
 
+    def last_good() -> str:
+        last = checkpoints(run_dir)[-1:]
+        return (f"The last good checkpoint is {last[0] if last else 'none (no checkpoint written yet)'}. Try a "
+                "lower --lr or gradient clipping.")
+
     def ensure_finite_weights(what: str) -> None:
         if (name := first_non_finite(model)) is not None:
-            last = checkpoints(run_dir)[-1:]
-            raise TrainingError(f"{name} is not finite after step {step}: {what} not written. The last good "
-                                f"checkpoint is {last[0] if last else 'none'}. Try a lower --lr or gradient clipping.")
+            raise TrainingError(f"{name} is not finite after step {step}: {what} not written. {last_good()}")
 
     def checkpoint(epoch: int, batches_in_epoch: int) -> Path | None:
         if not main_rank:
@@ -397,7 +390,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                     break
                 loader.set_epoch(epoch)
                 model.train()
-                bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", total=_num_batches(loader),
+                bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", total=progress_total(loader),
                            disable=not progress, leave=False, dynamic_ncols=True)
                 batches_in_epoch = epoch_steps = epoch_examples = single_videos = 0
                 epoch_start, examples_at_start = time.perf_counter(), examples_seen
@@ -416,13 +409,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                                                                    scaler)
                         overflow = scaler is not None and not torch.isfinite(grad_norm)  # the scaler skips it
                         if not (torch.isfinite(loss) and (overflow or torch.isfinite(grad_norm))):
-                            last = checkpoints(run_dir)[-1:]
                             what = f"loss is {loss.item()}" if not torch.isfinite(loss) else \
                                 f"gradient norm is {grad_norm.item()} (loss {loss.item():.4f})"
-                            raise TrainingError(
-                                f"{what} at step {step + 1} (epoch {epoch + 1}); stopped before the update. The "
-                                f"last good checkpoint is {last[0] if last else 'none (no checkpoint written yet)'}"
-                                ". Try a lower --lr or gradient clipping.")
+                            raise TrainingError(f"{what} at step {step + 1} (epoch {epoch + 1}); stopped before the "
+                                                f"update. {last_good()}")
                         lr = staircase_lr(config, base_lr, examples_seen)
                         for group in optimizer.param_groups:
                             group["lr"] = lr
