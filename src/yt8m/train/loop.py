@@ -484,6 +484,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
             atomic_save({"model": model.state_dict(), "model_config": model.config,
                          "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen},
                         run_dir / FINAL_MODEL)
+        if world_size > 1:  # no rank leaves (and closes its connections) while another still works
+            dist.barrier()
     finally:
         if log is not None:
             log.close()
