@@ -18,7 +18,7 @@ from yt8m.models import available, presets
 from yt8m.train import read_submission
 
 NUM_CLASSES = 12
-SMALL_DBOF = ["--set", "model_options.cluster_size=64", "--set", "model_options.hidden_size=32",
+SMALL_DBOF = ["--set", "model_options.num_clusters=64", "--set", "model_options.hidden_size=32",
               "--set", "max_frames=40"]
 
 
@@ -76,7 +76,7 @@ def test_train_writes_a_run_directory(run_dir):
     assert {"config.yaml", "metrics.jsonl", "model.pt", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"] == "dbof" and config["num_classes"] == NUM_CLASSES and config["max_frames"] == 40
-    assert config["model_options"] == {"cluster_size": 64, "hidden_size": 32}
+    assert config["model_options"] == {"num_clusters": 64, "hidden_size": 32}
     state = torch.load(run_dir / "model.pt", weights_only=False)
     assert state["model"]["clusters.weight"].shape == (64, 1152) and state["step"] == 7
 
@@ -224,7 +224,7 @@ BAD_INPUTS = [  # (arguments, what the message says); every one exits 2 without 
                   "--resume", "--quiet"], "model: the run has 'dbof', this command 'moe'", id="resume another model"),
     pytest.param([*RESUME, "--num-classes", "10"], "num_classes: the run has 12, this command 10",
                  id="resume other classes"),
-    pytest.param([*RESUME, "--set", "model_options.cluster_size=32"], "model_options: the run has",
+    pytest.param([*RESUME, "--set", "model_options.num_clusters=32"], "model_options: the run has",
                  id="resume other model options"),
     # eval
     pytest.param([*EVAL, "--device", "foo"], "device must be one of auto, cpu, cuda, cuda:N or mps",

@@ -301,7 +301,7 @@ def models() -> None:
 
 
 QUICKSTART_MODEL = "dbof"
-QUICKSTART_OPTIONS = {"cluster_size": 1024, "hidden_size": 512}
+QUICKSTART_OPTIONS = {"num_clusters": 1024, "hidden_size": 512}
 
 
 @main.command()

@@ -84,6 +84,17 @@ def test_random_and_subsequence_sampling(shards):
             assert starts
 
 
+def test_random_and_subsequence_sampling_draw_from_the_first_max_frames_only(shards):
+    pattern, truth = shards  # as the starter's reader, which evaluates on the same first max_frames
+    for sampling in ("random", "subsequence"):
+        for batch in make_loader(pattern, batch_size=7, num_classes=11, max_frames=2, sampling=sampling,
+                                 num_samples=6):
+            for i, video_id in enumerate(batch["id"]):
+                first = {row.tobytes() for row in truth[video_id]["rgb"][:2]}
+                count = int(batch["num_frames"][i])
+                assert count and all(row.tobytes() in first for row in batch["rgb"][i, :count].numpy())
+
+
 def test_label_outside_num_classes_names_file_and_offset(shards):
     pattern, _ = shards
     with pytest.raises(CorruptRecordError, match=r"label\(s\) \[10\] outside \[0, 10\)") as info:

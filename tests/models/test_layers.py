@@ -1,6 +1,5 @@
 import copy
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,7 +15,6 @@ from yt8m.models.layers import (
     masked_batch_norm,
     masked_max,
     masked_mean,
-    sample_frames,
 )
 
 frame_counts = st.lists(st.integers(0, 7), min_size=1, max_size=5)
@@ -55,33 +53,6 @@ def test_masked_max_passes_gradients_to_real_frames_only():
     masked_max(x, frame_mask(counts, 7)).sum().backward()
     assert torch.all(x.grad[~frame_mask(counts, 7)] == 0)
     assert x.grad[0, :3].abs().sum() > 0
-
-
-@settings(max_examples=30, deadline=None)
-@given(frame_counts, st.integers(1, 10), st.integers(0, 2**31 - 1))
-def test_sample_frames_returns_real_frames_only(num_frames, num_samples, seed):
-    max_frames = 7
-    counts = torch.tensor(num_frames)
-    # frame t of every video holds the value t + 1; padding holds -1
-    x = torch.arange(1, max_frames + 1, dtype=torch.float32)[None, :, None].repeat(len(num_frames), 1, 2)
-    x[~frame_mask(counts, max_frames)] = -1.0
-    frames, new_counts = sample_frames(x, counts, num_samples, torch.Generator().manual_seed(seed))
-    assert frames.shape == (len(num_frames), num_samples, 2)
-    for i, n in enumerate(num_frames):
-        if n == 0:
-            assert new_counts[i] == 0 and torch.all(frames[i] == 0)
-        else:
-            assert new_counts[i] == num_samples
-            assert torch.all((frames[i] >= 1) & (frames[i] <= n))
-            assert torch.equal(frames[i, :, 0], frames[i, :, 1])  # whole frames, not mixed features
-
-
-def test_sample_frames_is_uniform_over_the_real_frames():
-    x = torch.arange(1, 11, dtype=torch.float32)[None, :, None]
-    frames, _ = sample_frames(x, torch.tensor([4]), 4000, torch.Generator().manual_seed(0))
-    counts = np.bincount(frames.flatten().long().numpy(), minlength=11)
-    assert counts[5:].sum() == 0
-    assert np.all(np.abs(counts[1:5] - 1000) < 120)
 
 
 def test_l2_normalize_gives_unit_rows_and_keeps_zero_rows():

@@ -8,14 +8,14 @@ from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models import VideoClassifier, available, build, entry
 
 NUM_CLASSES = 12
-SMALL = {"dbof": {"cluster_size": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32},
+SMALL = {"dbof": {"num_clusters": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32},
          "nextvlad": {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16},
          "mix_nextvlad": {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16},
          "mod_nextvlad": {"num_subtrees": 2, "num_members": 2, "num_clusters": 4, "groups": 2, "expansion": 1,
                           "hidden_size": 16},
-         **{name: {"cluster_size": 8, "hidden_size": 32}
+         **{name: {"num_clusters": 8, "hidden_size": 32}
             for name in ("netvlad", "netrvlad", "netfv", "nonlocal_netvlad")},
-         **{name: {"cluster_size": 64, "hidden_size": 32} for name in ("soft_dbof", "gated_dbof")}}
+         **{name: {"num_clusters": 64, "hidden_size": 32} for name in ("soft_dbof", "gated_dbof")}}
 NUM_FRAMES = torch.tensor([10, 3, 1, 7, 10])
 
 
@@ -179,7 +179,7 @@ def test_unknown_model_names_the_known_ones():
 def test_unknown_option_names_the_accepted_ones():
     with pytest.raises(ValueError, match=r"no option\(s\) \['clusters'\]") as error:
         build("dbof", clusters=64)
-    for option in ("cluster_size", "hidden_size", "num_mixtures", "train_frames"):
+    for option in ("num_clusters", "hidden_size", "num_mixtures", "train_frames"):
         assert option in str(error.value)
 
 
@@ -193,7 +193,7 @@ def test_config_rebuilds_the_same_model(name):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("dbof", {"cluster_size": 8192, "hidden_size": 1024, "num_mixtures": 2, "train_frames": 30,
+    ("dbof", {"num_clusters": 8192, "hidden_size": 1024, "num_mixtures": 2, "train_frames": 30,
               "classifier": "moe", "activation": "relu6", "add_batch_norm": True}),
     ("lstm", {"cell": "lstm", "hidden_size": 1024, "num_layers": 2, "classifier": "moe", "num_mixtures": 2}),
     ("moe", {"classifier": "moe", "num_mixtures": 2}),
@@ -216,7 +216,7 @@ def test_levels_and_training_samplings():
 
 
 def test_overrides_reach_the_layers():
-    model = build("dbof", 5, cluster_size=16, hidden_size=8, num_mixtures=3)
+    model = build("dbof", 5, num_clusters=16, hidden_size=8, num_mixtures=3)
     assert model.clusters.out_features == 16 and model.hidden.out_features == 8
     assert model.head.num_mixtures == 3 and model.head.num_classes == 5
     lstm = build("lstm", 5, hidden_size=8, num_layers=1)

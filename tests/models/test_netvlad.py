@@ -196,24 +196,24 @@ def test_probability_gating_gates_the_probabilities_and_returns_logits():
 
 def test_model_options_are_checked():
     with pytest.raises(ValueError, match="unknown pooling 'vlda'"):
-        build("netvlad", 4, pooling="vlda", cluster_size=4, hidden_size=8)
+        build("netvlad", 4, pooling="vlda", num_clusters=4, hidden_size=8)
     with pytest.raises(ValueError, match=r"\['non_local'\] do not apply to pooling 'soft_bof'"):
-        build("soft_dbof", 4, non_local="clusters", cluster_size=8, hidden_size=8)
+        build("soft_dbof", 4, non_local="clusters", num_clusters=8, hidden_size=8)
     with pytest.raises(ValueError, match=r"\['max_pool'\] do not apply to pooling 'vlad'"):
-        build("netvlad", 4, max_pool=True, cluster_size=4, hidden_size=8)
+        build("netvlad", 4, max_pool=True, num_clusters=4, hidden_size=8)
     with pytest.raises(ValueError, match="fusion must be"):
-        build("netvlad", 4, fusion="middle", cluster_size=4, hidden_size=8)
+        build("netvlad", 4, fusion="middle", num_clusters=4, hidden_size=8)
 
 
 def test_late_fusion_gives_audio_half_the_clusters_for_vlad_and_an_eighth_for_bags_of_frames():
-    vlad = build("netvlad", 4, cluster_size=8, hidden_size=8)
+    vlad = build("netvlad", 4, num_clusters=8, hidden_size=8)
     assert [pool.out_dim for pool in vlad.poolings] == [8 * 1024, 4 * 128]
-    fv = build("netfv", 4, cluster_size=8, hidden_size=8)
+    fv = build("netfv", 4, num_clusters=8, hidden_size=8)
     assert [pool.out_dim for pool in fv.poolings] == [2 * 8 * 1024, 2 * 4 * 128]
-    gated = build("gated_dbof", 4, cluster_size=64, hidden_size=8)
+    gated = build("gated_dbof", 4, num_clusters=64, hidden_size=8)
     assert [pool.out_dim for pool in gated.poolings] == [64, 8]
     assert gated.poolings[0].gate is not None and gated.poolings[1].gate is None  # audio: plain soft BoF
-    early = build("nonlocal_netvlad", 4, cluster_size=8, hidden_size=8, fusion="early", frame_gating=True)
+    early = build("nonlocal_netvlad", 4, num_clusters=8, hidden_size=8, fusion="early", frame_gating=True)
     assert [pool.out_dim for pool in early.poolings] == [8 * 1152]
     assert early.frame_gating is not None
 

@@ -12,7 +12,7 @@ BROKEN = {
     "unclosed": (b"model: [unclosed\n", r"invalid YAML at line 2, column 1: expected ',' or '\]'"),
     "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", r"not UTF-8 text \(invalid start byte at byte 0\)"),
     "control_characters": (b"model: moe\x00\x01\n", r"invalid YAML at character 10: unacceptable character #x0000"),
-    "no_model": (b"options: {cluster_size: 8}\n", r"no 'model' key \(its keys: options\)"),
+    "no_model": (b"options: {num_clusters: 8}\n", r"no 'model' key \(its keys: options\)"),
     "a_list": (b"- model\n- moe\n", r"expected a mapping with at least a 'model' key, found a YAML list"),
     "empty": (b"", r"found an empty file"),
     "options_not_a_mapping": (b"model: moe\noptions: 5\n", r"'options' must be a mapping with string keys, found 5"),
@@ -40,7 +40,7 @@ def test_a_broken_preset_is_skipped_with_one_warning_naming_the_file_and_the_rea
     assert record[0].filename == __file__  # attributed to the caller of presets()
     assert "broken" not in found and {"tiny", "nextvlad", "willow_netvlad"} <= set(found)
     assert build("tiny", 3).num_classes == 3
-    assert build("willow_netvlad", 3, cluster_size=4, hidden_size=8).config["pooling"] == "vlad"
+    assert build("willow_netvlad", 3, num_clusters=4, hidden_size=8).config["pooling"] == "vlad"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         presets()  # said once

@@ -104,7 +104,7 @@ def test_yaml_files_read_exponents_as_numbers(tmp_path):
     ({"audio_dim": 0}, "model_options.audio_dim: expected a positive int"),
     ({"train_frames": 0}, "model_options.train_frames: expected a positive int"),
     ({"add_batch_norm": "yes"}, "model_options.add_batch_norm: expected bool, found 'yes'"),
-    ({"cluster_size": 1.5}, "model_options.cluster_size: expected int, found 1.5"),
+    ({"num_clusters": 1.5}, "model_options.num_clusters: expected int, found 1.5"),
     ({"activation": "foo"}, "model 'dbof' cannot be built with model_options {'activation': 'foo'}: ValueError"),
     ({"clusters": 2}, "model 'dbof' has no option(s) ['clusters']; options: activation, add_batch_norm"),
     ({"num_classes": 3}, "model 'dbof' has no option(s) ['num_classes']"),
@@ -116,9 +116,9 @@ def test_model_options_are_checked_before_anything_runs(options, message):
 
 
 def test_optional_model_options_take_none_or_their_type():
-    validate_model_options("netvlad", {"audio_cluster_size": None, "non_local": None}, num_classes=12)
-    with pytest.raises(ValueError, match=r"model_options.audio_cluster_size: expected int \| None, found 'x'"):
-        validate_model_options("netvlad", {"audio_cluster_size": "x"}, num_classes=12)
+    validate_model_options("netvlad", {"audio_num_clusters": None, "non_local": None}, num_classes=12)
+    with pytest.raises(ValueError, match=r"model_options.audio_num_clusters: expected int \| None, found 'x'"):
+        validate_model_options("netvlad", {"audio_num_clusters": "x"}, num_classes=12)
 
 
 @pytest.mark.parametrize("model", available())

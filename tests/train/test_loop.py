@@ -11,7 +11,7 @@ from yt8m.train.loop import clip_gradients, staircase_lr
 
 NUM_CLASSES = 12
 BATCH_SIZE = 8  # 56 training videos: 7 steps an epoch
-SMALL = {"dbof": {"cluster_size": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32}}
+SMALL = {"dbof": {"num_clusters": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32}}
 
 
 def make_config(corpus, output, model: str = "dbof", **overrides) -> TrainConfig:
@@ -311,7 +311,7 @@ def test_load_model_gives_the_trained_model_in_eval_mode(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     train(make_config(tiny_corpus, run_dir, epochs=1), progress=False)
     model = load_model(run_dir)
-    assert not model.training and model.config["cluster_size"] == 64
+    assert not model.training and model.config["num_clusters"] == 64
     assert_same_weights(model.state_dict(), final_weights(run_dir))
 
 

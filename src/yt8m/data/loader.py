@@ -190,6 +190,7 @@ class YT8MDataset(IterableDataset):
     def _frame_index(self, available: int, length: int, rng: np.random.Generator) -> slice | np.ndarray:
         if self.sampling == "all" or available == 0:
             return slice(0, min(available, length))
+        available = min(available, self.max_frames)  # as the starter's reader: a video is its first max_frames
         if self.sampling == "random":  # as the starter code: floor(U[0, 1) * num_frames), with replacement
             return np.floor(rng.random(length) * available).astype(np.int64)
         count = min(available, length)
@@ -356,7 +357,8 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     `segment_start_times`, `segment_labels`, `segment_scores` (lists of 1-D tensors).
 
     sampling: "all" keeps the first `max_frames` frames (T = max_frames); "random" draws
-    `num_samples` (default max_frames) frames with replacement as the starter code does;
+    `num_samples` (default max_frames) of the first `max_frames` frames, with replacement, as the
+    starter code does;
     "subsequence" takes `num_samples` consecutive frames from a random start.
     Shards are split by distributed rank (`rank`/`world_size`, default: torch.distributed when
     initialised) and DataLoader worker. With `shuffle`, the file order changes every epoch

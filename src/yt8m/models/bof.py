@@ -70,8 +70,8 @@ _HEAD = {"gating": False, "gated_moe": False, "classifier": "moe", "num_mixtures
 register("soft_dbof", LearnablePoolingClassifier,
          "WILLOW Soft-DBoF: soft bag of frames (optionally with a max-pooled half), late fusion (audio K/8), "
          "K 8000, H 1024, MoE 2",
-         pooling="soft_bof", cluster_size=8000, hidden_size=1024, **_HEAD)
+         pooling="soft_bof", num_clusters=8000, hidden_size=1024, **_HEAD)
 register("gated_dbof", LearnablePoolingClassifier,
          "WILLOW GatedDBoF: soft bag of frames gated by its max-pooled assignments (audio: plain soft BoF, K/8), "
          "K 4096, H 1024, MoE 2",
-         pooling="gated_bof", audio_pooling="soft_bof", cluster_size=4096, hidden_size=1024, **_HEAD)
+         pooling="gated_bof", audio_pooling="soft_bof", num_clusters=4096, hidden_size=1024, **_HEAD)

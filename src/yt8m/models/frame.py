@@ -28,7 +28,7 @@ class DeepBagOfFrames(VideoClassifier):
     """Starter DbofModel: BN(input) -> FC to clusters -> BN -> act -> max over frames -> FC to
     hidden -> BN -> act -> MoE. Trains on `train_frames` random frames; evaluates on all."""
 
-    def __init__(self, num_classes: int, cluster_size: int = 8192, hidden_size: int = 1024,
+    def __init__(self, num_classes: int, num_clusters: int = 8192, hidden_size: int = 1024,
                  activation: str = "relu6", add_batch_norm: bool = True, train_frames: int = 30,
                  classifier: str = "moe", num_mixtures: int = 2, input_norm: bool = True,
                  rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
@@ -39,9 +39,9 @@ class DeepBagOfFrames(VideoClassifier):
         in_dim = rgb_dim + audio_dim
         self.train_sampling = {"sampling": "random", "num_samples": train_frames} if train_frames else None
         self.input_bn = nn.BatchNorm1d(in_dim) if add_batch_norm else None
-        self.clusters = nn.Linear(in_dim, cluster_size, bias=not add_batch_norm)
-        self.cluster_bn = nn.BatchNorm1d(cluster_size) if add_batch_norm else None
-        self.hidden = nn.Linear(cluster_size, hidden_size, bias=not add_batch_norm)
+        self.clusters = nn.Linear(in_dim, num_clusters, bias=not add_batch_norm)
+        self.cluster_bn = nn.BatchNorm1d(num_clusters) if add_batch_norm else None
+        self.hidden = nn.Linear(num_clusters, hidden_size, bias=not add_batch_norm)
         self.hidden_bn = nn.BatchNorm1d(hidden_size) if add_batch_norm else nn.Identity()
         self.activation = activations[activation]
         self.head = build_classifier(classifier, hidden_size, num_classes, num_mixtures)

@@ -100,18 +100,6 @@ def build_classifier(kind: str, in_dim: int, num_classes: int, num_mixtures: int
     raise ValueError(f"unknown classifier {kind!r}: expected 'moe' or 'logistic'")
 
 
-def sample_frames(x: torch.Tensor, num_frames: torch.Tensor, num_samples: int,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num_samples` random real frames per video, with replacement, as the starter code:
-    index `floor(U[0, 1) * num_frames)`. Returns ([B, S, D], new num_frames [B])."""
-    uniform = torch.rand(x.shape[0], num_samples, device=x.device, generator=generator)
-    index = (uniform * num_frames.clamp(min=1)[:, None].to(uniform.dtype)).floor().long()
-    index = index.clamp(max=x.shape[1] - 1)
-    frames = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    empty = (num_frames == 0)[:, None, None]
-    return frames.masked_fill(empty, 0.0), torch.where(num_frames > 0, num_samples, 0)
-
-
 def init_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
     """N(0, 1/sqrt(fan_in)) as the learnable-pooling papers initialise their assignments."""
     return nn.init.normal_(weight, std=1.0 / math.sqrt(fan_in))

@@ -9,7 +9,7 @@ registered variants.
 Where this follows the authors' code ([willow-code], [nonlocal-code]) and where it departs from it:
 - frames are L2-normalised (the input of the starter code, [yt8m-starter]), then batch-normalised;
   the FC to the hidden size is linear with a bias and no BN (the WILLOW runs: `relu=False`),
-  initialised N(0, 1/sqrt(cluster_size)) as theirs; the base learning rate is their 2e-4.
+  initialised N(0, 1/sqrt(num_clusters)) as theirs; the base learning rate is their 2e-4.
 - training reads 300 frames sampled with replacement (their `iterations=300`); evaluation reads
   every frame, where their code samples 300 frames at evaluation too.
 - padding frames get zero weight everywhere and stay out of the BatchNorm statistics.
@@ -129,7 +129,7 @@ class PoolingKind:
     """A pooling the model can compose: `module(in_dim, num_clusters, batch_norm, **options)`."""
 
     module: Callable[..., nn.Module]
-    audio_divisor: int  # late fusion: the audio pooling gets cluster_size // audio_divisor clusters
+    audio_divisor: int  # late fusion: the audio pooling gets num_clusters // audio_divisor clusters
     options: tuple[str, ...] = ()  # the model options that reach the module
 
 
@@ -143,7 +143,7 @@ POOLING_OPTION_DEFAULTS = {"centers": True, "non_local": None, "max_pool": False
 
 class LearnablePoolingClassifier(VideoClassifier):
     """Input BN → optional frame-level context gating → pooling (`fusion="late"`: rgb and audio
-    pooled separately, audio with `audio_cluster_size` clusters, default cluster_size / 2 for VLAD
+    pooled separately, audio with `audio_num_clusters` clusters, default num_clusters / 2 for VLAD
     and FV, / 8 for bags of frames; `"early"`: the joined frames pooled once) → concat → FC to
     `hidden_size` (linear with a bias; with `relu`, BN and ReLU6 instead) → optional context gating
     → classifier → optional gating of the class probabilities (`gated_moe`).
@@ -155,9 +155,9 @@ class LearnablePoolingClassifier(VideoClassifier):
 
     default_lr = 2e-4  # WILLOW's and the 4th place's scripts
 
-    def __init__(self, num_classes: int, pooling: str = "vlad", cluster_size: int = 256, hidden_size: int = 1024,
+    def __init__(self, num_classes: int, pooling: str = "vlad", num_clusters: int = 256, hidden_size: int = 1024,
                  centers: bool = True, non_local: str | None = None, max_pool: bool = False, fusion: str = "late",
-                 audio_pooling: str | None = None, audio_cluster_size: int | None = None,
+                 audio_pooling: str | None = None, audio_num_clusters: int | None = None,
                  frame_gating: bool = False, relu: bool = False, gating: bool = True, gated_moe: bool = True,
                  classifier: str = "moe", num_mixtures: int = 2, add_batch_norm: bool = True,
                  train_frames: int = 300, input_norm: bool = True, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
@@ -179,16 +179,16 @@ class LearnablePoolingClassifier(VideoClassifier):
 
         in_dim = rgb_dim + audio_dim
         if fusion == "late":
-            audio_clusters = audio_cluster_size or max(cluster_size // POOLINGS[pooling].audio_divisor, 1)
+            audio_clusters = audio_num_clusters or max(num_clusters // POOLINGS[pooling].audio_divisor, 1)
             self.splits = [rgb_dim, audio_dim]
-            self.poolings = nn.ModuleList([make_pooling(pooling, rgb_dim, cluster_size),
+            self.poolings = nn.ModuleList([make_pooling(pooling, rgb_dim, num_clusters),
                                            make_pooling(audio_pooling, audio_dim, audio_clusters)])
         elif fusion == "early":
-            if audio_pooling != pooling or audio_cluster_size is not None:
-                raise ValueError("early fusion pools the joined frames once: audio_pooling and audio_cluster_size "
+            if audio_pooling != pooling or audio_num_clusters is not None:
+                raise ValueError("early fusion pools the joined frames once: audio_pooling and audio_num_clusters "
                                  "apply to late fusion only")
             self.splits = [in_dim]
-            self.poolings = nn.ModuleList([make_pooling(pooling, in_dim, cluster_size)])
+            self.poolings = nn.ModuleList([make_pooling(pooling, in_dim, num_clusters)])
         else:
             raise ValueError(f"fusion must be 'late' or 'early', got {fusion!r}")
         self.train_sampling = {"sampling": "random", "num_samples": train_frames} if train_frames else None
@@ -197,7 +197,7 @@ class LearnablePoolingClassifier(VideoClassifier):
         pooled_dim = sum(pool.out_dim for pool in self.poolings)
         self.hidden_bn = nn.BatchNorm1d(hidden_size) if relu and add_batch_norm else None
         self.hidden = nn.Linear(pooled_dim, hidden_size, bias=self.hidden_bn is None)
-        init_normal_(self.hidden.weight, cluster_size)  # std 1/sqrt(cluster_size), as WILLOW's code
+        init_normal_(self.hidden.weight, num_clusters)  # std 1/sqrt(num_clusters), as WILLOW's code
         if self.hidden.bias is not None:
             nn.init.normal_(self.hidden.bias, std=0.01)
         self.relu = relu
@@ -228,16 +228,16 @@ class LearnablePoolingClassifier(VideoClassifier):
 
 register("netvlad", LearnablePoolingClassifier,
          "WILLOW gated NetVLAD: late fusion (audio K/2), K 256, H 1024, context gating, gated MoE 2",
-         pooling="vlad", cluster_size=256, hidden_size=1024, gating=True, gated_moe=True, num_mixtures=2)
+         pooling="vlad", num_clusters=256, hidden_size=1024, gating=True, gated_moe=True, num_mixtures=2)
 register("netrvlad", LearnablePoolingClassifier,
          "WILLOW gated NetRVLAD (NetVLAD without centres): K 256, H 1024, context gating, gated MoE 2",
-         pooling="vlad", centers=False, cluster_size=256, hidden_size=1024, gating=True, gated_moe=True,
+         pooling="vlad", centers=False, num_clusters=256, hidden_size=1024, gating=True, gated_moe=True,
          num_mixtures=2)
 register("netfv", LearnablePoolingClassifier,
          "WILLOW gated NetFV: first and second order statistics, K 128, H 1024, context gating, gated MoE 2",
-         pooling="fv", cluster_size=128, hidden_size=1024, gating=True, gated_moe=True, num_mixtures=2)
+         pooling="fv", num_clusters=128, hidden_size=1024, gating=True, gated_moe=True, num_mixtures=2)
 register("nonlocal_netvlad", LearnablePoolingClassifier,
          "4th place 2018 LFNL-NetVLAD: NetVLAD with a non-local block over the clusters, late fusion, K 64, "
          "H 1024, context gating, gated MoE 8",
-         pooling="vlad", non_local="clusters", cluster_size=64, hidden_size=1024, gating=True, gated_moe=True,
+         pooling="vlad", non_local="clusters", num_clusters=64, hidden_size=1024, gating=True, gated_moe=True,
          num_mixtures=8)

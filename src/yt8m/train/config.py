@@ -25,7 +25,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Training computes in float32: a larger number (`--lr 1e39`) becomes inf in the first step.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_LR = 1e3
-# Model options that size or count something (cluster_size, rgb_dim, num_mixtures, groups...):
+# Model options that size or count something (num_clusters, rgb_dim, num_mixtures, groups...):
 # zero or less builds some models silently and fails only in the first forward pass.
 SIZE_OPTION = re.compile(r"^num_|_size$|_dim$|_frames$|^groups$|^expansion$|_reduction$")
 
