@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import warnings
@@ -212,7 +213,7 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
     flags = {"model": model, "train_data": train_patterns, "output": str(output), "valid_data": valid_patterns,
              "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_steps": max_steps}
     values.update({key: value for key, value in flags.items() if value is not None})
-    config = TrainConfig.from_dict(values)
+    config = TrainConfig.resolve(values)
     start = time.perf_counter()
     try:
         summary = _data_errors(lambda: run_training(config, resume=resume, progress=not quiet))
@@ -230,6 +231,43 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
                f"{loss}{scores}, in {time.perf_counter() - start:.0f} s -> {output}")
 
 
+def _describe(name: str) -> str:
+    """`yt8m models --describe NAME`: the preset's (or model's) settings as readable text."""
+    import textwrap
+
+    from yt8m.models.registry import describe
+    from yt8m.train import TrainConfig
+    from yt8m.train.config import preset_recipe
+
+    try:
+        found = describe(name)
+        recipe = preset_recipe(name)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--describe") from None
+
+    def values(mapping: dict, marked: set = frozenset()) -> str:
+        return ", ".join(f"{key} {value}{' *' if key in marked else ''}" for key, value in mapping.items())
+
+    def paragraph(title: str, text: str) -> str:
+        return textwrap.fill(f"{title}: {text}", width=100, subsequent_indent="    ")
+
+    kind = f"preset of model {found['model']} ({found['path']})" if found["path"] else "registered model (no preset)"
+    lines = [f"{name}: {kind}", paragraph("description", found["description"])]
+    if found["source"]:
+        lines.append(paragraph("source", found["source"]))
+    lines.append(paragraph("options (* set by the preset)", values(found["options"], set(found["options_from_preset"]))))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TRAIN_SUMMARY_KEYS}
+    rest = {key: value for key, value in defaults.items() if key not in recipe}
+    lines.append(paragraph("recipe (train:)", values(recipe) or "none: the TrainConfig defaults"))
+    lines.append(paragraph("other training defaults", values(rest)))
+    if found["reported"]:
+        lines.append(paragraph("reported", values(found["reported"])))
+    return "\n".join(lines)
+
+
+# The training keys that `models --describe` lists (a recipe may set any TrainConfig key).
+TRAIN_SUMMARY_KEYS = ("epochs", "batch_size", "lr", "lr_decay", "lr_decay_examples", "clip", "clip_norm", "l2",
+                      "max_frames")
 POSITIVE = click.IntRange(min=1)
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
 
@@ -288,14 +326,24 @@ def predict(run: Path, data: tuple[str, ...], output: Path, overwrite: bool, top
 
 
 @main.command()
-def models() -> None:
-    """List the registered models and presets (`yt8m train NAME` takes either)."""
+@click.option("--describe", "name", metavar="NAME", default=None,
+              help="Print one preset's or model's options, training recipe, sources and reported figures.")
+@usage_errors
+def models(name: str | None) -> None:
+    """List the registered models and presets (`yt8m train NAME` takes either); a preset named as its model
+    (`nextvlad`) is that model with its paper's options and recipe."""
     from yt8m.models import available, entry, presets
 
+    if name is not None:
+        click.echo(_describe(name))
+        return
+
+    found = presets()
     for name in available():
-        click.echo(f"{name:18s} {entry(name).description}")
-    for name, preset in sorted(presets().items()):
-        if name not in available():  # a preset named as its model only records the paper's figures
+        recipe = " (with its paper's options and recipe: the preset of this name)" if name in found else ""
+        click.echo(f"{name:18s} {entry(name).description}{recipe}")
+    for name, preset in sorted(found.items()):
+        if name not in available():
             title = re.split(r"[:.] ", preset.description, maxsplit=1)[0]
             click.echo(f"{name:18s} preset of {preset.model}: {title}")
 

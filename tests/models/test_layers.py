@@ -6,9 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from yt8m.models.frame import DeepBagOfFrames
 from yt8m.models.layers import (
     ContextGating,
     MixtureOfExperts,
+    apply_conventions,
     build_classifier,
     frame_mask,
     l2_normalize,
@@ -16,6 +18,8 @@ from yt8m.models.layers import (
     masked_max,
     masked_mean,
 )
+from yt8m.models.netvlad import LearnablePoolingClassifier
+from yt8m.models.recurrent import RecurrentClassifier
 
 frame_counts = st.lists(st.integers(0, 7), min_size=1, max_size=5)
 
@@ -216,3 +220,108 @@ def test_classifiers_expose_their_weight_matrices_for_l2():
     assert [w.shape for w in logistic.classifier_weights()] == [(3, 8)]
     with pytest.raises(ValueError, match="'moe' or 'logistic'"):
         build_classifier("svm", 8, 3)
+
+
+def conventions_models() -> dict[str, nn.Module]:
+    """Small models holding every kind of explicitly initialised layer, by name."""
+    torch.manual_seed(0)
+    dims = {"rgb_dim": 8, "audio_dim": 4}
+    return {
+        "nonlocal_netvlad": LearnablePoolingClassifier(12, num_clusters=4, hidden_size=16, non_local="clusters",
+                                                       frame_gating=True, **dims),
+        "gated_dbof": LearnablePoolingClassifier(12, pooling="gated_bof", audio_pooling="soft_bof", num_clusters=8,
+                                                 hidden_size=16, gating=False, gated_moe=False, **dims),
+        "dbof_without_bn": DeepBagOfFrames(12, num_clusters=8, hidden_size=16, add_batch_norm=False, **dims),
+        "lstm": RecurrentClassifier(12, hidden_size=8, **dims),
+    }
+
+
+@pytest.mark.parametrize("batch_norm, momentum, eps", [("pytorch", 0.1, 1e-5), ("tensorflow", 0.001, 1e-3)])
+def test_conventions_set_the_momentum_and_eps_of_every_batch_norm(batch_norm, momentum, eps):
+    for model in conventions_models().values():
+        apply_conventions(model, batch_norm=batch_norm)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert all(norm.momentum == momentum and norm.eps == eps for norm in norms)
+    model = conventions_models()["nonlocal_netvlad"]
+    apply_conventions(model, batch_norm="tensorflow")
+    x, counts = padded([3, 7], dim=12)
+    model.train()(x[..., :8], x[..., 8:], counts)
+    real = model.inputs(x[..., :8], x[..., 8:])[frame_mask(counts, 7)]
+    torch.testing.assert_close(model.input_bn.running_mean, 0.001 * real.mean(0))  # slim's decay 0.999
+
+
+# The parameters that the TensorFlow initialisation replaces: those of Linear and recurrent layers that the
+# authors' code leaves to TensorFlow's defaults (the MoE's FCs; DBoF's cluster bias, N(0, 1/sqrt(D)) in the
+# starter's code but with a call that cannot run); every other one is the authors' explicit initialiser,
+# a BatchNorm's affine term or a raw parameter (cluster centres).
+TENSORFLOW_DEFAULTS = {"head.gates.weight", "head.experts.weight", "head.experts.bias"}
+REINITIALISED = {"nonlocal_netvlad": TENSORFLOW_DEFAULTS, "gated_dbof": TENSORFLOW_DEFAULTS,
+                 "dbof_without_bn": TENSORFLOW_DEFAULTS | {"clusters.bias"},
+                 "lstm": TENSORFLOW_DEFAULTS | {f"rnn.{kind}_l{layer}" for kind in ("weight_ih", "weight_hh", "bias_ih",
+                                                                                   "bias_hh") for layer in range(2)}}
+
+
+@pytest.mark.parametrize("name", REINITIALISED)
+def test_tensorflow_init_keeps_the_explicit_initialisations_bitwise(name):
+    model = conventions_models()[name]
+    before = {key: value.clone() for key, value in model.named_parameters()}
+    apply_conventions(model, init="pytorch")
+    assert all(torch.equal(value, before[key]) for key, value in model.named_parameters())
+    apply_conventions(model, init="tensorflow")
+    changed = {key for key, value in model.named_parameters() if not torch.equal(value, before[key])}
+    assert changed == REINITIALISED[name]
+
+
+def test_tensorflow_init_of_linear_layers_is_glorot_uniform_with_zero_biases():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 400), nn.Linear(400, 50, bias=False))
+    apply_conventions(model, init="tensorflow")
+    for layer in model:
+        fan_out, fan_in = layer.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.99 * bound
+        assert layer.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.02)
+    assert torch.equal(model[0].bias, torch.zeros(400))
+
+
+def uniform_bound(weight: torch.Tensor) -> float:
+    """The bound of a uniform sample, and a check that it is one: its std is bound / sqrt(3)."""
+    bound = weight.abs().max().item()
+    assert weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    return bound
+
+
+@pytest.mark.parametrize("forget_bias", [1.0, 0.5])
+def test_tensorflow_init_of_an_lstm_is_basic_lstm_cells(forget_bias):
+    """BasicLSTMCell: one Glorot-uniform kernel [input + H, 4 H] per layer, zero biases, forget_bias added."""
+    hidden, in_dim = 32, 12
+    model = RecurrentClassifier(5, hidden_size=hidden, num_layers=2, forget_bias=forget_bias, rgb_dim=8, audio_dim=4)
+    apply_conventions(model, init="tensorflow")
+    for layer, fan_in in enumerate([in_dim + hidden, 2 * hidden]):
+        kernel = torch.cat([getattr(model.rnn, f"weight_ih_l{layer}"), getattr(model.rnn, f"weight_hh_l{layer}")], 1)
+        assert uniform_bound(kernel) == pytest.approx((6 / (fan_in + 4 * hidden)) ** 0.5, rel=0.01)
+        bias_ih, bias_hh = getattr(model.rnn, f"bias_ih_l{layer}"), getattr(model.rnn, f"bias_hh_l{layer}")
+        assert torch.equal(bias_hh, torch.zeros(4 * hidden))
+        expected = torch.zeros(4, hidden)  # gates i, f, g, o
+        expected[1] = forget_bias
+        assert torch.equal(bias_ih.view(4, hidden), expected)
+
+
+def test_tensorflow_init_of_a_gru_is_gru_cells():
+    """GRUCell: a Glorot-uniform "gates" kernel [input + H, 2 H] (reset, update) with bias 1 and a "candidate"
+    kernel [input + H, H] with bias 0, per layer."""
+    hidden, in_dim = 32, 12
+    model = RecurrentClassifier(5, cell="gru", hidden_size=hidden, final_states="all_layers", rgb_dim=8, audio_dim=4)
+    apply_conventions(model, init="tensorflow")
+    for rnn, fan_in in zip(model.rnn, [in_dim + hidden, 2 * hidden]):
+        kernel = torch.cat([rnn.weight_ih_l0, rnn.weight_hh_l0], 1)  # [3 H, input + H], gates r, z, n
+        assert uniform_bound(kernel[:2 * hidden]) == pytest.approx((6 / (fan_in + 2 * hidden)) ** 0.5, rel=0.01)
+        assert uniform_bound(kernel[2 * hidden:]) == pytest.approx((6 / (fan_in + hidden)) ** 0.5, rel=0.02)
+        assert torch.equal(rnn.bias_ih_l0, torch.cat([torch.ones(2 * hidden), torch.zeros(hidden)]))
+        assert torch.equal(rnn.bias_hh_l0, torch.zeros(3 * hidden))
+
+
+def test_conventions_are_checked():
+    for options in ({"batch_norm": "tf"}, {"init": "keras"}):
+        with pytest.raises(ValueError, match=r"must be one of \['pytorch', 'tensorflow'\], got '(tf|keras)'"):
+            apply_conventions(nn.Linear(2, 2), **options)

@@ -2,13 +2,14 @@ import pytest
 import torch
 from torch import nn
 from torch.export import Dim
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models import VideoClassifier, available, build, entry
+from yt8m.models.frame import DeepBagOfFrames
+from yt8m.models.netvlad import LearnablePoolingClassifier
 
 NUM_CLASSES = 12
-SMALL = {"dbof": {"num_clusters": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32},
+SMALL = {"dbof": {"num_clusters": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32}, "gru": {"hidden_size": 16},
          "nextvlad": {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16},
          "mix_nextvlad": {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16},
          "mod_nextvlad": {"num_subtrees": 2, "num_members": 2, "num_clusters": 4, "groups": 2, "expansion": 1,
@@ -155,20 +156,6 @@ def test_every_model_compiles_without_graph_breaks(name, mode):
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_recurrent_features_are_the_final_states_of_the_packed_sequences(cell):
-    torch.manual_seed(0)
-    model = build("lstm", NUM_CLASSES, cell=cell, hidden_size=16, num_layers=2).eval()
-    num_frames = torch.tensor([10, 3, 1, 0, 7])
-    rgb, audio, _ = inputs(model, num_frames)
-    with torch.no_grad():
-        packed = pack_padded_sequence(model.inputs(rgb, audio), num_frames.clamp(min=1), batch_first=True,
-                                      enforce_sorted=False)
-        _, state = model.rnn(packed)
-        expected = (state[0] if cell == "lstm" else state)[-1]  # the top layer's final state [B, H]
-        torch.testing.assert_close(model.forward_features(rgb, audio, num_frames), expected, rtol=1e-5, atol=1e-5)
-
-
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown model 'nope'") as error:
         build("nope")
@@ -215,19 +202,28 @@ def test_levels_and_training_samplings():
     assert build("dbof", 2, train_frames=0, **SMALL["dbof"]).train_sampling is None
 
 
+@pytest.mark.parametrize("name", available())
+def test_a_model_samples_at_evaluation_what_it_samples_in_training_or_reads_every_frame(name):
+    model = small_model(name)
+    assert model.eval_sampling is None or model.eval_sampling == model.train_sampling
+    assert model.train_sampling is not None or model.eval_sampling is None
+
+
+@pytest.mark.parametrize("builder, frames", [(DeepBagOfFrames, 30), (LearnablePoolingClassifier, 300)])
+def test_sample_at_eval_option(builder, frames):
+    """The starter's DbofModel and WILLOW's models sample in their graph, at evaluation too: the default."""
+    with torch.device("meta"):
+        default, all_frames, fewer, unsampled = (builder(2, **options) for options in (
+            {}, {"sample_at_eval": False}, {"train_frames": 7}, {"train_frames": 0}))
+    assert default.eval_sampling == default.train_sampling == {"sampling": "random", "num_samples": frames}
+    assert all_frames.eval_sampling is None and all_frames.train_sampling == default.train_sampling
+    assert fewer.eval_sampling == fewer.train_sampling == {"sampling": "random", "num_samples": 7}
+    assert unsampled.train_sampling is None and unsampled.eval_sampling is None
+
+
 def test_overrides_reach_the_layers():
     model = build("dbof", 5, num_clusters=16, hidden_size=8, num_mixtures=3)
     assert model.clusters.out_features == 16 and model.hidden.out_features == 8
     assert model.head.num_mixtures == 3 and model.head.num_classes == 5
     lstm = build("lstm", 5, hidden_size=8, num_layers=1)
     assert lstm.rnn.hidden_size == 8 and lstm.rnn.num_layers == 1
-
-
-def test_lstm_forget_gate_bias_is_the_starter_codes():
-    lstm = build("lstm", 5, hidden_size=8, num_layers=2).rnn
-    for layer in range(2):
-        total = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")  # gates i, f, g, o
-        assert torch.equal(total[8:16], torch.ones(8))
-        assert not torch.equal(total[:8], torch.zeros(8))  # the other gates keep their random init
-    untouched = build("lstm", 5, hidden_size=8, num_layers=1, forget_bias=0.0).rnn
-    assert torch.equal((untouched.bias_ih_l0 + untouched.bias_hh_l0)[8:16], torch.zeros(8))

@@ -1,12 +1,22 @@
+import importlib.resources
+import inspect
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from yt8m.models import build, entry, presets
 from yt8m.models.layers import frame_mask, masked_mean
-from yt8m.models.nextvlad import MixNeXtVLAD, NeXtVLADModel, NeXtVLADPooling, distillation_loss
+from yt8m.models.nextvlad import (
+    MixNeXtVLAD,
+    MODNeXtVLAD,
+    NeXtVLADModel,
+    NeXtVLADPooling,
+    distillation_loss,
+    rgb_pca_eigenvalues,
+)
 
 NUM_CLASSES = 6
 TINY = {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16}
@@ -209,22 +219,27 @@ def test_a_subtree_moved_to_another_dtype_still_trains_with_the_others():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.members[0].parameters())
 
 
+def registered_options(name: str) -> dict:
+    """The options of a registered model: its builder's defaults under the registered ones."""
+    registered = entry(name)
+    parameters = inspect.signature(registered.builder).parameters
+    return {**{key: p.default for key, p in parameters.items() if key != "num_classes"}, **registered.defaults}
+
+
 def test_registered_defaults_are_the_paper_settings():
+    """SE reduction 8 in the single model, 16 in the mixtures' members (the authors' mixture scripts)."""
     paper = {"num_clusters": 128, "groups": 8, "expansion": 2, "hidden_size": 2048, "dropout": 0.5,
-             "gating_reduction": 8, "classifier": "logistic", "input_norm": False}
-    expected = {"nextvlad": paper, "mix_nextvlad": {**paper, "num_members": 3, "temperature": 20.0},
-                "mod_nextvlad": {**paper, "num_subtrees": 4, "num_members": 3, "temperature": 20.0}}
+             "gating_reduction": 8, "classifier": "logistic", "input_norm": False, "unwhiten_rgb": False}
+    mixture = {**paper, "gating_reduction": 16, "temperature": 20.0, "distillation_weight": None}
+    expected = {"nextvlad": paper, "mix_nextvlad": {**mixture, "num_members": 3},
+                "mod_nextvlad": {**mixture, "num_subtrees": 4, "num_members": 3}}
     for name, settings in expected.items():
-        with torch.device("meta"):
-            config = build(name, 1000).config
-        assert {key: config[key] for key in settings} == settings
-
-
-def test_presets_named_like_a_model_carry_its_registered_defaults():
-    """`build` resolves a registered name before a preset, so such a preset must say the same."""
-    for name, preset in presets().items():
-        if "nextvlad" in preset.model and name == preset.model:
-            assert preset.options == {key: entry(name).defaults[key] for key in preset.options}
+        options = registered_options(name)
+        assert {key: options[key] for key in settings} == settings
+    with torch.device("meta"):
+        mod = MODNeXtVLAD(1000, **entry("mod_nextvlad").defaults)
+    squeezes = {member.gating.squeeze.out_features for subtree in mod.members for member in subtree.members}
+    assert squeezes == {2048 // 16}
 
 
 def parameter_count(name: str, num_classes: int) -> int:
@@ -243,3 +258,104 @@ def test_parameter_counts_match_the_paper_within_two_percent(name):
     assert parameter_count(name, reported["num_classes"]) == pytest.approx(millions(reported["parameters"]), rel=0.02)
     if "parameters_at_3862_classes" in reported:
         assert parameter_count(name, 3862) == pytest.approx(millions(reported["parameters_at_3862_classes"]), rel=0.02)
+
+
+def unwhitened(rgb: torch.Tensor) -> torch.Tensor:
+    """`(rgb - 4/512) * (sqrt(eigenvalue) + 1e-4)` in float64, from the shipped file read here with numpy."""
+    text = (importlib.resources.files("yt8m.models") / "data" / "rgb_pca_eigenvalues.txt").read_text()
+    scale = np.sqrt(np.loadtxt(text.splitlines(), comments="#")) + 1e-4
+    return ((rgb.double() - 4.0 / 512) * torch.from_numpy(scale)).to(rgb.dtype)
+
+
+def test_the_rgb_pca_eigenvalues_ship_with_their_provenance():
+    lines = (importlib.resources.files("yt8m.models") / "data" / "rgb_pca_eigenvalues.txt").read_text().splitlines()
+    header = [line for line in lines if line.startswith("#")]
+    assert lines[:len(header)] == header and "eigenvals.npy" in " ".join(header)
+    values = np.array([float(line) for line in lines[len(header):]])
+    assert values.shape == (1024,) and np.all(values > 0) and np.all(np.diff(values) <= 0)  # PCA order
+    np.testing.assert_array_equal(rgb_pca_eigenvalues(), values)
+    assert rgb_pca_eigenvalues() is rgb_pca_eigenvalues()  # read once
+
+
+@pytest.mark.parametrize("input_norm", [False, True])
+def test_unwhiten_rgb_reverses_the_pca_whitening_before_the_normalisation(input_norm):
+    rgb, audio, _ = batch()
+    plain = build("nextvlad", NUM_CLASSES, input_norm=input_norm, unwhiten_rgb=False, **TINY)
+    model = build("nextvlad", NUM_CLASSES, input_norm=input_norm, unwhiten_rgb=True, **TINY)
+    expected = torch.cat([unwhitened(rgb), audio], -1)
+    if input_norm:
+        expected = F.normalize(expected, dim=-1)
+    torch.testing.assert_close(model.inputs(rgb, audio), expected)
+    if not input_norm:
+        assert torch.equal(model.inputs(rgb, audio)[..., 1024:], audio)
+        assert torch.equal(plain.inputs(rgb, audio), torch.cat([rgb, audio], -1))
+
+
+@pytest.mark.parametrize("name", ["nextvlad", "mix_nextvlad", "mod_nextvlad"])
+def test_unwhiten_rgb_equals_the_plain_model_fed_unwhitened_rgb(name):
+    """Every member and every gate sees the unwhitened rgb; the option adds nothing to the state dict."""
+    torch.manual_seed(0)
+    sizes = {"num_subtrees": 2, "num_members": 2} if name == "mod_nextvlad" else {}
+    plain = build(name, NUM_CLASSES, unwhiten_rgb=False, **sizes, **TINY)
+    model = build(name, NUM_CLASSES, unwhiten_rgb=True, **sizes, **TINY)
+    model.load_state_dict(plain.state_dict())  # strict: the same keys
+    randomize_batch_norms(model)
+    plain.load_state_dict(model.float().state_dict())
+    rgb, audio, num_frames = batch()
+    with torch.no_grad():
+        logits = model.eval()(rgb, audio, num_frames)
+        torch.testing.assert_close(logits, plain.eval()(unwhitened(rgb), audio, num_frames))
+        assert not torch.allclose(logits, plain(rgb, audio, num_frames))
+
+
+def test_unwhitened_padding_frames_still_change_nothing():
+    torch.manual_seed(0)
+    model = build("mix_nextvlad", NUM_CLASSES, unwhiten_rgb=True, **TINY).eval()
+    rgb, audio, num_frames = batch()
+    longer_rgb, longer_audio, _ = batch(max_frames=9, seed=1)  # padding of random values
+    longer_rgb[:, :6], longer_audio[:, :6] = rgb, audio
+    with torch.no_grad():
+        torch.testing.assert_close(model(longer_rgb, longer_audio, num_frames), model(rgb, audio, num_frames))
+
+
+def test_unwhiten_rgb_needs_the_youtube8m_rgb_features():
+    with pytest.raises(ValueError, match="rgb_dim 512"):
+        NeXtVLADModel(NUM_CLASSES, rgb_dim=512, unwhiten_rgb=True, **TINY)
+
+
+@pytest.mark.parametrize("name", ["mix_nextvlad", "mod_nextvlad"])
+@pytest.mark.parametrize("distillation_weight", [None, 0.0, 7.0])
+def test_the_distillation_term_is_weighted_by_distillation_weight_or_t_squared(name, distillation_weight):
+    """loss = cross-entropies + weight * (the KL of every mixture level), weight T^2 when None."""
+    torch.manual_seed(0)
+    temperature = 3.0
+    model = build(name, NUM_CLASSES, temperature=temperature, distillation_weight=distillation_weight,
+                  num_members=2, **TINY).train()
+    weight = temperature ** 2 if distillation_weight is None else distillation_weight
+    labels = labels_for(4)
+    outputs = model(*batch())
+
+    def expected_loss(output) -> torch.Tensor:
+        if not isinstance(output, dict):
+            return bce(output, labels)
+        return (bce(output["logits"], labels) + sum(expected_loss(member) for member in output["members"])
+                + weight * distillation_loss(output["logits"], output["member_logits"], temperature))
+
+    torch.testing.assert_close(model.loss(outputs, labels), expected_loss(outputs))
+
+
+def test_distillation_weight_must_not_be_negative():
+    with pytest.raises(ValueError, match="distillation_weight must be >= 0"):
+        build("mix_nextvlad", NUM_CLASSES, distillation_weight=-1.0, **TINY)
+
+
+def test_the_l2_penalty_covers_the_classifier_weights_and_biases():
+    """As the authors' LogisticModel (weights_ and biases_regularizer); an MoE head as their MoeModel."""
+    model = build("nextvlad", NUM_CLASSES, **TINY)
+    assert [tuple(w.shape) for w in model.classifier_weights()] == [(NUM_CLASSES, 16), (NUM_CLASSES,)]
+    assert model.classifier_weights()[1] is model.head.linear.bias
+    mixture = build("mix_nextvlad", NUM_CLASSES, **TINY)
+    assert [id(w) for w in mixture.classifier_weights()] == \
+        [id(p) for member in mixture.members for p in (member.head.linear.weight, member.head.linear.bias)]
+    moe = build("nextvlad", NUM_CLASSES, classifier="moe", **TINY)
+    assert [id(w) for w in moe.classifier_weights()] == [id(moe.head.gates.weight), id(moe.head.experts.weight)]

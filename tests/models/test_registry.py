@@ -66,3 +66,31 @@ def test_models_command_lists_the_other_presets_next_to_a_broken_one(config_dir)
     assert result.exit_code == 0, result.output
     listed = {line.split()[0] for line in result.output.splitlines()}
     assert {"tiny", "willow_netvlad", "dbof"} <= listed and "broken" not in listed
+
+
+def test_a_preset_named_as_its_model_is_that_model_with_the_papers_options(config_dir):
+    (config_dir / "moe.yaml").write_text("model: moe\noptions: {num_mixtures: 5}\ntrain: {lr: 0.5}\n")
+    model = build("moe", 7)
+    assert model.preset == "moe" and model.config["num_mixtures"] == 5
+    bare = build("moe", 7, from_preset=False)  # a saved run rebuilds from its recorded options alone
+    assert bare.config["num_mixtures"] == 2 and not hasattr(bare, "preset")
+
+
+def test_a_renamed_option_says_its_new_name():
+    with pytest.raises(ValueError, match=r"no option\(s\) \['cluster_size'\] \(cluster_size is now num_clusters\)"):
+        build("dbof", 7, cluster_size=8)
+
+
+def test_describe_prints_options_recipe_source_and_reported_figures():
+    result = CliRunner().invoke(main, ["models", "--describe", "lfnl_netvlad"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "lfnl_netvlad: preset of model nonlocal_netvlad" in text
+    assert "non_local_scale 0.015625 *" in text and "num_mixtures 8 *" in text
+    assert "recipe (train:): lr 0.0002, lr_decay 0.8, lr_decay_examples 4000000, batch_size 80" in text
+    assert "[nonlocal2018]" in text and "gap_validation 0.8703" in text
+    bare = CliRunner().invoke(main, ["models", "--describe", "moe"])
+    assert bare.exit_code == 0 and "registered model (no preset)" in bare.output
+    assert "none: the TrainConfig defaults" in bare.output
+    unknown = CliRunner().invoke(main, ["models", "--describe", "nope"])
+    assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.output

@@ -3,9 +3,9 @@ import typing
 
 import pytest
 
-from yt8m.models import available, entry
+from yt8m.models import available, entry, presets
 from yt8m.train import TrainConfig, apply_overrides, load_yaml
-from yt8m.train.config import FLOAT32_MAX, matches_type, validate_model_options
+from yt8m.train.config import FLOAT32_MAX, matches_type, preset_recipe, recipe_origin, validate_model_options
 
 REQUIRED = {"model": "moe", "train_data": "x", "output": "y"}
 
@@ -125,3 +125,56 @@ def test_optional_model_options_take_none_or_their_type():
 def test_every_model_validates_with_its_defaults_at_full_size(model):
     """Built on the meta device: the 3862-class paper sizes take no memory and no time."""
     validate_model_options(model, entry(model).defaults, num_classes=3862)
+
+
+RUN = {"train_data": "train*.tfrecord", "output": "run"}
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("willow_netvlad", {"lr": 2e-4, "lr_decay": 0.8, "batch_size": 80, "l2": 1e-6, "max_steps": 700000}),
+    ("willow_soft_dbof", {"lr": 2e-4, "lr_decay": 0.9, "batch_size": 80, "l2": 1e-8}),
+    ("lfnl_netvlad", {"lr": 2e-4, "lr_decay": 0.8, "batch_size": 80, "l2": 1e-6, "epochs": 5}),
+    ("gru", {"lr": 2e-4, "lr_decay": 0.9, "batch_size": 128, "max_steps": 300000}),
+    ("nextvlad", {"lr": 2e-4, "lr_decay": 0.8, "lr_decay_examples": 2_500_000, "batch_size": 80, "l2": 1e-5}),
+    ("nextvlad_2018", {"lr_decay_examples": 2_000_000, "batch_size": 160, "epochs": 5}),
+    ("mod_nextvlad_segments", {"lr": 2e-4, "lr_decay": 0.8, "lr_decay_examples": 1_000_000, "batch_size": 512,
+                               "l2": 1e-4, "epochs": 10}),
+    ("dbof", {"lr": 0.01, "lr_decay": 0.95, "lr_decay_examples": 4_000_000, "batch_size": 1024, "epochs": 5}),
+    ("lstm_monkeytyping", {"lr": 1e-3, "batch_size": 128}),
+])
+def test_a_preset_trains_with_its_recipe(preset, expected):
+    config = TrainConfig.resolve({"model": preset, **RUN})
+    assert {key: getattr(config, key) for key in expected} == expected
+
+
+def test_every_preset_has_a_recipe_of_known_keys_and_builds():
+    for name, preset in presets().items():
+        assert preset.train, f"{name} has no train: block"
+        assert preset_recipe(name) == preset.train
+        validate_model_options(name, {}, num_classes=7)
+
+
+def test_precedence_defaults_preset_config_file_set_flags():
+    values = {"model": "willow_netvlad", **RUN}  # the preset: lr 2e-4, lr_decay 0.8, batch 80, l2 1e-6
+    assert TrainConfig.resolve(values).l2 == 1e-6
+    from_file = {**values, "l2": 0.5, "lr_decay": 0.5}  # --config
+    overridden = apply_overrides(from_file, ["l2=0.25"])  # --set
+    overridden["batch_size"] = 4  # a flag
+    config = TrainConfig.resolve(overridden)
+    assert (config.lr, config.lr_decay, config.l2, config.batch_size, config.clip) == (2e-4, 0.5, 0.25, 4, "per_parameter")
+    used, changed = recipe_origin(config)
+    assert changed == {"lr_decay": 0.5, "batch_size": 4, "l2": 0.25} and used["lr"] == 2e-4
+    assert TrainConfig.resolve({"model": "moe", **RUN}).lr is None  # a bare model: the defaults
+
+
+def test_a_recipe_with_an_unknown_or_mistyped_key_names_the_preset_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("YT8M_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "typo.yaml").write_text("model: moe\ntrain: {lr_decy: 0.5}\n")
+    (tmp_path / "mistyped.yaml").write_text("model: moe\ntrain: {epochs: many}\n")
+    (tmp_path / "runlike.yaml").write_text("model: moe\ntrain: {output: here}\n")
+    with pytest.raises(ValueError, match=r"typo.yaml: train: has unknown key\(s\) \['lr_decy'\]"):
+        TrainConfig.resolve({"model": "typo", **RUN})
+    with pytest.raises(ValueError, match=r"mistyped.yaml: train.epochs: expected int, found 'many'"):
+        TrainConfig.resolve({"model": "mistyped", **RUN})
+    with pytest.raises(ValueError, match=r"runlike.yaml: train: has key\(s\) \['output'\] that belong to a run"):
+        TrainConfig.resolve({"model": "runlike", **RUN})

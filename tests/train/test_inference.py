@@ -187,3 +187,19 @@ def test_a_file_system_without_hard_links_still_gets_the_submission(model, video
     assert write_submission(model, video_files, tmp_path / "sub.csv", NUM_CLASSES, CPU, progress=False) == 16
     assert len(read_submission(tmp_path / "sub.csv")) == 16
     assert [p.name for p in tmp_path.iterdir()] == ["sub.csv"]
+
+
+def test_a_model_that_samples_at_evaluation_sees_the_same_frames_every_time(tiny_corpus):
+    frame_files = [str(p) for p in tiny_corpus.files["frame"]["validate"]]
+    torch.manual_seed(0)
+    sampled = build("dbof", NUM_CLASSES, from_preset=False, num_clusters=8, hidden_size=4, train_frames=3).eval()
+    assert sampled.eval_sampling == {"sampling": "random", "num_samples": 3}
+
+    def probabilities(model):
+        return torch.cat([p for _, p, _ in predict_batches(model, frame_files, NUM_CLASSES, CPU, batch_size=5,
+                                                           progress=False)])
+
+    first = probabilities(sampled)
+    torch.testing.assert_close(probabilities(sampled), first, rtol=0, atol=0)  # EVAL_SEED: the same frames
+    sampled.eval_sampling = None  # sample_at_eval=False: every frame
+    assert not torch.allclose(probabilities(sampled), first)

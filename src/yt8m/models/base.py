@@ -18,11 +18,14 @@ class VideoClassifier(nn.Module):
     training mode only, a dict holding "logits" and what its own `loss` needs; in eval mode
     every model returns the logits tensor.
     `train_sampling` optionally asks the training loader for sampled frames, e.g.
-    `{"sampling": "random", "num_samples": 30}`; evaluation always reads all frames.
+    `{"sampling": "random", "num_samples": 30}`; `eval_sampling` the same of the evaluation loader,
+    which draws them with a fixed seed (models that sample in training set it to `train_sampling`
+    where their authors' code samples at evaluation too, option `sample_at_eval`). None: all frames.
     """
 
     level: str = "frame"
     train_sampling: dict | None = None
+    eval_sampling: dict | None = None
     default_lr: float = 0.01  # the starter code's base learning rate
     config: dict
 

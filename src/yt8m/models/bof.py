@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import nn
 
-from yt8m.models.layers import SoftAssignment, l2_normalize
+from yt8m.models.layers import SoftAssignment, init_normal_, l2_normalize
 from yt8m.models.netvlad import POOLINGS, LearnablePoolingClassifier, PoolingKind
 from yt8m.models.registry import register
 
@@ -45,7 +45,7 @@ class SoftBagOfFrames(nn.Module):
                                       nn.Linear(in_dim, num_clusters, bias=not batch_norm),
                                       nn.BatchNorm1d(num_clusters) if batch_norm else nn.Identity())
             for layer in self.gate[:2]:
-                nn.init.normal_(layer.weight, std=in_dim ** -0.5)  # N(0, 1/sqrt(D)) for both, as WILLOW
+                init_normal_(layer.weight, in_dim)  # N(0, 1/sqrt(D)) for both, as WILLOW
         else:
             self.gate = None
 

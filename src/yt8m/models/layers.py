@@ -1,5 +1,6 @@
 """Blocks shared by every model: frame masks, masked pooling, input normalisation, context
-gating, mixture of experts, and the classifier-head helpers."""
+gating, mixture of experts, the classifier-head helpers, and the initialisation and BatchNorm
+conventions (PyTorch's or TensorFlow's)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class ContextGating(nn.Module):
     def __init__(self, dim: int, batch_norm: bool = True):
         super().__init__()
         self.gate = nn.Linear(dim, dim, bias=not batch_norm)
+        init_normal_(self.gate.weight, dim)  # N(0, 1/sqrt(H)), WILLOW's `gating_weights`
         self.norm = nn.BatchNorm1d(dim) if batch_norm else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,9 +102,17 @@ def build_classifier(kind: str, in_dim: int, num_classes: int, num_mixtures: int
     raise ValueError(f"unknown classifier {kind!r}: expected 'moe' or 'logistic'")
 
 
+def mark_explicit_init(tensor: torch.Tensor) -> torch.Tensor:
+    """Marks `tensor` (a parameter, just initialised) as initialised the way its authors' code does:
+    `apply_conventions` leaves it as it is in both conventions."""
+    tensor._explicit_init = True
+    return tensor
+
+
 def init_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """N(0, 1/sqrt(fan_in)) as the learnable-pooling papers initialise their assignments."""
-    return nn.init.normal_(weight, std=1.0 / math.sqrt(fan_in))
+    """N(0, 1/sqrt(fan_in)) as the starter's DBoF and the learnable-pooling papers initialise their
+    weights (`tf.random_normal_initializer(stddev=1 / math.sqrt(fan_in))`), marked explicit."""
+    return mark_explicit_init(nn.init.normal_(weight, std=1.0 / math.sqrt(fan_in)))
 
 
 def masked_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -237,3 +247,74 @@ class ProbabilityGating(nn.Module):
         log_gated = log_p + F.logsigmoid(gates)
         log_not_gated = torch.logaddexp(log_not_p, log_p + F.logsigmoid(-gates))
         return log_gated - log_not_gated
+
+
+CONVENTIONS = ("pytorch", "tensorflow")
+BATCH_NORM_CONVENTIONS = {"pytorch": {"momentum": 0.1, "eps": 1e-5},
+                          "tensorflow": {"momentum": 1e-3, "eps": 1e-3}}  # slim.batch_norm: decay 0.999
+
+
+def apply_conventions(model: nn.Module, batch_norm: str = "pytorch", init: str = "pytorch") -> None:
+    """Sets every BatchNorm's momentum and eps, and the initialisation, to PyTorch's or TensorFlow's defaults.
+
+    `batch_norm`: "pytorch" (momentum 0.1, eps 1e-5) or "tensorflow" (slim.batch_norm of the authors' code:
+    decay 0.999, i.e. momentum 0.001, and epsilon 1e-3).
+    `init`: "pytorch" leaves the parameters as built; "tensorflow" re-initialises every parameter of an
+    `nn.Linear`, `nn.LSTM` or `nn.GRU` that is not marked explicit (`init_normal_`, `mark_explicit_init`) as
+    TensorFlow's defaults would: Glorot-uniform weights and zero biases (tf.layers.dense, slim's
+    fully_connected); recurrent kernels Glorot-uniform over TensorFlow's single kernel per gate block,
+    [input + hidden, gates * hidden], so `weight_ih` and `weight_hh` share one bound; LSTM biases 0 except the
+    forget gate's, which stays what the model set (`recurrent.init_forget_bias`, TF's `forget_bias`); GRU
+    biases those of TF's GRUCell (reset and update gates 1, candidate 0). Parameters of other modules
+    (cluster centres, BatchNorm affine terms) are left as built.
+
+    The marks live on the parameter objects: call this on a freshly built model (a move to another
+    device type may replace the parameters and drop their marks).
+    """
+    for name, value in (("batch_norm", batch_norm), ("init", init)):
+        if value not in CONVENTIONS:
+            raise ValueError(f"{name} must be one of {list(CONVENTIONS)}, got {value!r}")
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = BATCH_NORM_CONVENTIONS[batch_norm]["momentum"]
+            module.eps = BATCH_NORM_CONVENTIONS[batch_norm]["eps"]
+        elif init == "tensorflow" and isinstance(module, nn.Linear):
+            with torch.no_grad():
+                if not _explicit(module.weight):
+                    nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None and not _explicit(module.bias):
+                    module.bias.zero_()
+        elif init == "tensorflow" and isinstance(module, (nn.LSTM, nn.GRU)):
+            _tf_init_recurrent_(module)
+
+
+def _explicit(parameter: torch.Tensor) -> bool:
+    return getattr(parameter, "_explicit_init", False)
+
+
+@torch.no_grad()
+def _tf_init_recurrent_(rnn: nn.LSTM | nn.GRU) -> None:
+    """TensorFlow's BasicLSTMCell / GRUCell initialisation of `rnn`'s unmarked parameters (see `apply_conventions`)."""
+    hidden = rnn.hidden_size
+    if isinstance(rnn, nn.LSTM):  # one kernel [input + hidden, 4 hidden] for the gates (PyTorch's order i, f, g, o)
+        kernels = [slice(0, 4 * hidden)]
+        biases = [(slice(0, hidden), 0.0), (slice(2 * hidden, 4 * hidden), 0.0)]  # the forget gate's stays
+    else:  # a "gates" kernel [input + hidden, 2 hidden] (reset, update; bias 1) and a "candidate" one (bias 0)
+        kernels = [slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)]
+        biases = [(slice(0, 2 * hidden), 1.0), (slice(2 * hidden, 3 * hidden), 0.0)]
+    parameters = dict(rnn.named_parameters())
+    for suffix in (name[len("weight_ih"):] for name in parameters if name.startswith("weight_ih")):  # "_l0", ...
+        weight_ih, weight_hh = parameters["weight_ih" + suffix], parameters["weight_hh" + suffix]
+        fan_in = weight_ih.shape[1] + weight_hh.shape[1]
+        for rows in kernels:
+            bound = math.sqrt(6.0 / (fan_in + rows.stop - rows.start))  # Glorot over TF's kernel of these gates
+            for weight in (weight_ih, weight_hh):
+                if not _explicit(weight):
+                    weight[rows].uniform_(-bound, bound)
+        if rnn.bias:  # TF has one bias per gate: it goes to bias_ih, bias_hh is 0
+            bias_ih, bias_hh = parameters["bias_ih" + suffix], parameters["bias_hh" + suffix]
+            for rows, value in biases:
+                if not _explicit(bias_ih):
+                    bias_ih[rows] = value
+                if not _explicit(bias_hh):
+                    bias_hh[rows] = 0.0

@@ -10,14 +10,18 @@ Where this follows the authors' code ([willow-code], [nonlocal-code]) and where 
 - frames are L2-normalised (the input of the starter code, [yt8m-starter]), then batch-normalised;
   the FC to the hidden size is linear with a bias and no BN (the WILLOW runs: `relu=False`),
   initialised N(0, 1/sqrt(num_clusters)) as theirs; the base learning rate is their 2e-4.
-- training reads 300 frames sampled with replacement (their `iterations=300`); evaluation reads
-  every frame, where their code samples 300 frames at evaluation too.
+- training reads 300 frames sampled with replacement (their `iterations=300`); so does evaluation
+  (their code samples in its graph, at evaluation too), or every frame with `sample_at_eval=False`.
 - padding frames get zero weight everywhere and stay out of the BatchNorm statistics.
-- the non-local block scales its affinities by 1/sqrt(embedding size) (theirs: 1/64 in
-  LFNL-NetVLAD, 1/sqrt(D) in the two others) and uses its own g embedding (their LFNL-NetRVLAD
-  and EFNL-NetVLAD code uses phi in place of g, leaving g unused; the parameter count is the same).
+- the non-local block scales its affinities theta phi^T by `non_local_scale` before the softmax:
+  by default 1/sqrt(embedding size); their LFNL-NetVLAD multiplies by 1/64 (rgb and audio alike),
+  their LFNL-NetRVLAD and EFNL-NetVLAD by 1/sqrt(D), D the descriptor size (1024 rgb, 128 audio;
+  1152 early fusion): `non_local_scale="descriptor"`. Their LFNL-NetRVLAD and EFNL-NetVLAD code
+  computes g(v) with phi's weights (`non_local_reuse_phi=True`); it still creates g's variable
+  (`nonlocal_g`, unused), which is left out here, so such a model has D x E parameters fewer per
+  pooling than their checkpoints (LFNL-NetRVLAD: 1024 x 512 + 128 x 64).
 - EFNL-NetVLAD's frame-level context gating is in the paper ([nonlocal2018] §2.2) but not in
-  their code; it is an option here (`frame_gating`), on in the `efnl_netvlad` preset.
+  their code; it is an option here (`frame_gating`).
 - "gated MoE" gates the class probabilities (`layers.ProbabilityGating`) and returns logits.
 """
 
@@ -40,6 +44,7 @@ from yt8m.models.layers import (
     frame_mask,
     init_normal_,
     l2_normalize,
+    mark_explicit_init,
     masked_batch_norm,
 )
 from yt8m.models.registry import register
@@ -47,21 +52,27 @@ from yt8m.models.registry import register
 
 class NonLocalBlock(nn.Module):
     """Embedded-Gaussian non-local block over a set of vectors ([nonlocal2018] §2.1, Eq. 4-5):
-    `y = softmax(theta(v) phi(v)^T / sqrt(E)) g(v)`, `v_hat = W y + v`; theta, phi, g: D -> E, W: E -> D,
-    no biases, initialised N(0, 1/sqrt(fan_in)) as the authors' code.
+    `y = softmax(s theta(v) phi(v)^T) g(v)`, `v_hat = W y + v`; theta, phi, g: D -> E, W: E -> D,
+    no biases, initialised N(0, 1/sqrt(fan_in)) as the authors' code. `scale` s: None for 1/sqrt(E).
+    `reuse_phi`: g is phi (the same weights; no g of its own).
 
     v [B, K, D] -> [B, K, D].
     """
 
-    def __init__(self, dim: int, embed_dim: int):
+    def __init__(self, dim: int, embed_dim: int, scale: float | None = None, reuse_phi: bool = False):
         super().__init__()
-        self.theta, self.phi, self.g = (nn.Linear(dim, embed_dim, bias=False) for _ in range(3))
+        self.scale = scale
+        self.theta, self.phi = (nn.Linear(dim, embed_dim, bias=False) for _ in range(2))
+        self.g = None if reuse_phi else nn.Linear(dim, embed_dim, bias=False)
         self.out = nn.Linear(embed_dim, dim, bias=False)
         for layer in (self.theta, self.phi, self.g, self.out):
-            init_normal_(layer.weight, layer.in_features)
+            if layer is not None:
+                init_normal_(layer.weight, layer.in_features)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        related = F.scaled_dot_product_attention(self.theta(v), self.phi(v), self.g(v))  # [B, K, E]
+        phi = self.phi(v)  # [B, K, E]
+        g = phi if self.g is None else self.g(v)
+        related = F.scaled_dot_product_attention(self.theta(v), phi, g, scale=self.scale)  # [B, K, E]
         return v + self.out(related)
 
 
@@ -69,14 +80,17 @@ class VLADPooling(nn.Module):
     """NetVLAD: `V[k, d] = sum_t a_tk x_td - (sum_t a_tk) c_kd` with soft assignments a and learned
     centres c ~ N(0, 1/sqrt(D)); `centers=False` drops the centre term (NetRVLAD). An optional
     non-local block relates the K cluster descriptors (before the norms, the authors' "befnorm"),
-    its embedding size `K` (`non_local="clusters"`) or `D / 2` (`"half"`). Then L2 over d per
-    cluster (intra-norm), flatten, global L2.
+    its embedding size `K` (`non_local="clusters"`) or `D / 2` (`"half"`), its affinities scaled by
+    `non_local_scale` (None: 1/sqrt(embedding size); a number; "descriptor": 1/sqrt(D)), g computed
+    by phi's weights with `non_local_reuse_phi`. Then L2 over d per cluster (intra-norm), flatten,
+    global L2.
 
     x [B, T, D], mask [B, T] -> [B, K * D].
     """
 
     def __init__(self, in_dim: int, num_clusters: int, batch_norm: bool = True, centers: bool = True,
-                 non_local: str | None = None):
+                 non_local: str | None = None, non_local_scale: float | str | None = None,
+                 non_local_reuse_phi: bool = False):
         super().__init__()
         self.out_dim = num_clusters * in_dim
         self.assignment = SoftAssignment(in_dim, num_clusters, batch_norm)
@@ -84,7 +98,16 @@ class VLADPooling(nn.Module):
         embed_sizes = {None: 0, "clusters": num_clusters, "half": in_dim // 2}
         if non_local not in embed_sizes:
             raise ValueError(f"non_local must be None, 'clusters' or 'half', got {non_local!r}")
-        self.non_local = NonLocalBlock(in_dim, embed_sizes[non_local]) if non_local else None
+        if non_local is None and (non_local_scale is not None or non_local_reuse_phi):
+            raise ValueError("non_local_scale and non_local_reuse_phi configure the non-local block: they need "
+                             "non_local 'clusters' or 'half', got None")
+        positive = isinstance(non_local_scale, (int, float)) and non_local_scale > 0
+        if not (positive or non_local_scale in (None, "descriptor")):
+            raise ValueError(f"non_local_scale must be None, a positive number or 'descriptor', "
+                             f"got {non_local_scale!r}")
+        scale = in_dim ** -0.5 if non_local_scale == "descriptor" else non_local_scale
+        self.non_local = (NonLocalBlock(in_dim, embed_sizes[non_local], scale, non_local_reuse_phi)
+                          if non_local else None)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         assignment = self.assignment(x, mask)  # [B, T, K], zero on padding
@@ -134,11 +157,12 @@ class PoolingKind:
 
 
 POOLINGS: dict[str, PoolingKind] = {
-    "vlad": PoolingKind(VLADPooling, 2, ("centers", "non_local")),
+    "vlad": PoolingKind(VLADPooling, 2, ("centers", "non_local", "non_local_scale", "non_local_reuse_phi")),
     "fv": PoolingKind(FisherVectorPooling, 2),
 }  # bof.py adds "soft_bof" and "gated_bof"
 
-POOLING_OPTION_DEFAULTS = {"centers": True, "non_local": None, "max_pool": False}
+POOLING_OPTION_DEFAULTS = {"centers": True, "non_local": None, "non_local_scale": None, "non_local_reuse_phi": False,
+                           "max_pool": False}
 
 
 class LearnablePoolingClassifier(VideoClassifier):
@@ -148,25 +172,29 @@ class LearnablePoolingClassifier(VideoClassifier):
     `hidden_size` (linear with a bias; with `relu`, BN and ReLU6 instead) → optional context gating
     → classifier → optional gating of the class probabilities (`gated_moe`).
 
-    `pooling` names a `POOLINGS` entry; `centers` and `non_local` configure "vlad", `max_pool`
-    "soft_bof". `audio_pooling` replaces the pooling for audio (WILLOW's GatedDBoF pools audio with
-    a plain soft BoF).
+    `pooling` names a `POOLINGS` entry; `centers` and the `non_local*` options configure "vlad",
+    `max_pool` "soft_bof". `audio_pooling` replaces the pooling for audio (WILLOW's GatedDBoF pools
+    audio with a plain soft BoF). `train_frames` random frames (0: all) in training, and in
+    evaluation too with `sample_at_eval`, as the authors' code.
     """
 
     default_lr = 2e-4  # WILLOW's and the 4th place's scripts
 
     def __init__(self, num_classes: int, pooling: str = "vlad", num_clusters: int = 256, hidden_size: int = 1024,
-                 centers: bool = True, non_local: str | None = None, max_pool: bool = False, fusion: str = "late",
+                 centers: bool = True, non_local: str | None = None, non_local_scale: float | str | None = None,
+                 non_local_reuse_phi: bool = False, max_pool: bool = False, fusion: str = "late",
                  audio_pooling: str | None = None, audio_num_clusters: int | None = None,
                  frame_gating: bool = False, relu: bool = False, gating: bool = True, gated_moe: bool = True,
                  classifier: str = "moe", num_mixtures: int = 2, add_batch_norm: bool = True,
-                 train_frames: int = 300, input_norm: bool = True, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+                 train_frames: int = 300, sample_at_eval: bool = True, input_norm: bool = True,
+                 rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
         super().__init__(num_classes, input_norm)
         audio_pooling = audio_pooling or pooling
         for name in (pooling, audio_pooling):
             if name not in POOLINGS:
                 raise ValueError(f"unknown pooling {name!r}; known: {', '.join(sorted(POOLINGS))}")
-        options = {"centers": centers, "non_local": non_local, "max_pool": max_pool}
+        options = {"centers": centers, "non_local": non_local, "non_local_scale": non_local_scale,
+                   "non_local_reuse_phi": non_local_reuse_phi, "max_pool": max_pool}
         used = set(POOLINGS[pooling].options) | (set(POOLINGS[audio_pooling].options) if fusion == "late" else set())
         ignored = sorted(name for name, value in options.items()
                          if name not in used and value != POOLING_OPTION_DEFAULTS[name])
@@ -192,6 +220,7 @@ class LearnablePoolingClassifier(VideoClassifier):
         else:
             raise ValueError(f"fusion must be 'late' or 'early', got {fusion!r}")
         self.train_sampling = {"sampling": "random", "num_samples": train_frames} if train_frames else None
+        self.eval_sampling = self.train_sampling if sample_at_eval else None
         self.input_bn = nn.BatchNorm1d(in_dim) if add_batch_norm else None
         self.frame_gating = ContextGating(in_dim, add_batch_norm) if frame_gating else None
         pooled_dim = sum(pool.out_dim for pool in self.poolings)
@@ -199,7 +228,7 @@ class LearnablePoolingClassifier(VideoClassifier):
         self.hidden = nn.Linear(pooled_dim, hidden_size, bias=self.hidden_bn is None)
         init_normal_(self.hidden.weight, num_clusters)  # std 1/sqrt(num_clusters), as WILLOW's code
         if self.hidden.bias is not None:
-            nn.init.normal_(self.hidden.bias, std=0.01)
+            mark_explicit_init(nn.init.normal_(self.hidden.bias, std=0.01))
         self.relu = relu
         self.gating = ContextGating(hidden_size, add_batch_norm) if gating else None
         self.head = build_classifier(classifier, hidden_size, num_classes, num_mixtures)

@@ -1,24 +1,34 @@
 """NeXtVLAD ([nextvlad2018]) and its online-distillation mixtures MixNeXtVLAD and MOD NeXtVLAD
 (2019 3rd place, [mod2019] §3.2-3.4). Sources: docs/papers.md.
 
-Blocks (`NeXtVLADPooling`, `distillation_loss`, `DistilledMixture`) → models → registered variants.
+Blocks (`UnwhiteningClassifier`, `NeXtVLADPooling`, `distillation_loss`, `DistilledMixture`) → models →
+registered variants.
 
 Details the paper leaves open follow the authors' code ([mod-code]): the audio pooling has half
 the clusters and half the groups of the rgb one with the same expansion; the SE gating squeezes
-by 8; frames are not L2-normalised (`input_norm=False`); the KL's teacher side (the mixture) is
-not detached, so distillation also trains the gate; the base learning rate is their scripts' 2e-4.
-The distillation weight is the paper's T^2 ([mod2019] Eq. 6; their code takes a separate lambda).
-Left out: their reversal of the rgb PCA whitening (it needs the published eigenvalues, not
-available offline). Padding frames get zero weight everywhere and stay out of the BatchNorm
-statistics and the gate's mean, where the authors' code averages them in.
+by 8 in a single NeXtVLAD and by 16 in the mixtures' members (their scripts' --gating_reduction);
+frames are not L2-normalised (`input_norm=False`); the KL's teacher side (the mixture) is not
+detached, so distillation also trains the gate; the base learning rate is their scripts' 2e-4.
+The distillation weight defaults to the paper's T^2 ([mod2019] Eq. 6); their code takes a separate
+lambda (`distillation_weight`): their final model was pretrained on video labels with T=1, lambda 1
+and fine-tuned on segments with T=20, lambda 400 = T^2. `unwhiten_rgb=True` reverses the PCA
+whitening of rgb as their train and eval scripts do, `rgb' = (rgb - 4/512) * (sqrt(eigenvalue) + 1e-4)`
+with the published eigenvalues (`data/rgb_pca_eigenvalues.txt`), before anything else sees the
+input, gates included. The L2 penalty covers each member's classifier weights and biases, as
+their LogisticModel's regularisers. Padding frames get zero weight everywhere and stay out of the
+BatchNorm statistics and the gate's mean, where the authors' code averages them in.
 Parameters at 1000 classes: nextvlad 83.0M ([mod2019] Table 1: 83M; 88.9M at 3862 classes,
-[nextvlad2018]: 89M), mix_nextvlad 249.1M and mod_nextvlad 996.4M ([mod2019] Table 2: 250M, 1000M).
+[nextvlad2018]: 89M), mix_nextvlad 247.5M and mod_nextvlad 990.1M ([mod2019] Table 2: 250M, 1000M).
 One difference from their layout: the shared `SEContextGating` has a bias in its excitation FC
 (H parameters per model).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +36,7 @@ from torch import nn
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models.base import VideoClassifier
 from yt8m.models.layers import (
+    LogisticClassifier,
     SEContextGating,
     build_classifier,
     frame_mask,
@@ -35,6 +46,45 @@ from yt8m.models.layers import (
     masked_mean,
 )
 from yt8m.models.registry import register
+
+RGB_EIGENVALUES = "data/rgb_pca_eigenvalues.txt"  # package data of yt8m.models
+RGB_OFFSET = 4.0 / 512  # the half-step bias of the dequantization, removed before unwhitening
+EIGENVALUE_EPSILON = 1e-4  # added to sqrt(eigenvalue)
+
+
+@functools.cache
+def rgb_pca_eigenvalues() -> np.ndarray:
+    """The 1024 eigenvalues of the YouTube-8M rgb PCA, in the order of the rgb dimensions (read once)."""
+    resource = importlib.resources.files("yt8m.models").joinpath(RGB_EIGENVALUES)
+    eigenvalues = np.loadtxt(resource.read_text(encoding="utf-8").splitlines(), comments="#", dtype=np.float64, ndmin=1)
+    if eigenvalues.shape != (RGB_DIM,):
+        raise ValueError(f"{resource}: expected {RGB_DIM} eigenvalues, one a line, found shape {eigenvalues.shape}")
+    if not np.all(eigenvalues > 0):
+        raise ValueError(f"{resource}: expected positive eigenvalues, found {eigenvalues.min()} "
+                         f"at position {int(eigenvalues.argmin())}")
+    eigenvalues.flags.writeable = False
+    return eigenvalues
+
+
+class UnwhiteningClassifier(VideoClassifier):
+    """A `VideoClassifier` whose input step can first reverse the PCA whitening of rgb, as the
+    NeXtVLAD authors' train and eval scripts do ([nextvlad2018] §3.3, [mod-code] parallel_train.py):
+    `rgb' = (rgb - 4/512) * (sqrt(eigenvalue_j) + 1e-4)` per rgb dimension j, audio unchanged, before
+    any normalisation. The scale is a non-persistent buffer: state dicts are the same either way."""
+
+    def __init__(self, num_classes: int, input_norm: bool, unwhiten_rgb: bool, rgb_dim: int = RGB_DIM):
+        super().__init__(num_classes, input_norm)
+        if unwhiten_rgb and rgb_dim != RGB_DIM:
+            raise ValueError(f"unwhiten_rgb needs the {RGB_DIM}-d YouTube-8M rgb features (one eigenvalue per "
+                             f"dimension), got rgb_dim {rgb_dim}")
+        scale = torch.tensor(np.sqrt(rgb_pca_eigenvalues()) + EIGENVALUE_EPSILON, dtype=torch.float32) \
+            if unwhiten_rgb else None
+        self.register_buffer("rgb_scale", scale, persistent=False)  # [D_rgb]
+
+    def inputs(self, rgb: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        if self.rgb_scale is not None:
+            rgb = (rgb - RGB_OFFSET) * self.rgb_scale
+        return super().inputs(rgb, audio)
 
 
 class NeXtVLADPooling(nn.Module):
@@ -78,7 +128,7 @@ class NeXtVLADPooling(nn.Module):
         return self.output_norm(l2_normalize(residuals, dim=-1).reshape(batch, -1))
 
 
-class NeXtVLADModel(VideoClassifier):
+class NeXtVLADModel(UnwhiteningClassifier):
     """NeXtVLAD video classifier: rgb and audio NeXtVLAD pooling (audio with half the clusters and
     groups) → concat → dropout → FC to `hidden_size` without bias → BN → SE context gating →
     classifier (logistic in the paper)."""
@@ -88,8 +138,8 @@ class NeXtVLADModel(VideoClassifier):
     def __init__(self, num_classes: int, num_clusters: int = 128, groups: int = 8, expansion: int = 2,
                  hidden_size: int = 2048, dropout: float = 0.5, gating_reduction: int = 8,
                  classifier: str = "logistic", num_mixtures: int = 2, input_norm: bool = False,
-                 rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
-        super().__init__(num_classes, input_norm)
+                 unwhiten_rgb: bool = False, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+        super().__init__(num_classes, input_norm, unwhiten_rgb, rgb_dim)
         if num_clusters < 2 or groups < 2:
             raise ValueError(f"NeXtVLAD needs num_clusters >= 2 and groups >= 2 (the audio branch takes half), "
                              f"got {num_clusters} and {groups}")
@@ -108,6 +158,13 @@ class NeXtVLADModel(VideoClassifier):
         rgb, audio = x[..., :self.rgb_dim], x[..., self.rgb_dim:]
         pooled = torch.cat([self.rgb_pool(rgb, mask), self.audio_pool(audio, mask)], -1)  # [B, P_rgb + P_audio]
         return self.gating(self.hidden_norm(self.hidden(self.dropout(pooled))))  # [B, H]
+
+    def classifier_weights(self) -> list[torch.Tensor]:
+        """What the authors' L2 covers: the logistic classifier's weights and biases (their LogisticModel's
+        weights_ and biases_regularizer); for an MoE head, its weights (their MoeModel's)."""
+        if isinstance(self.head, LogisticClassifier):
+            return [self.head.linear.weight, self.head.linear.bias]
+        return self.head.classifier_weights()
 
 
 def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -129,14 +186,16 @@ def _logits(output: torch.Tensor | dict) -> torch.Tensor:
     return output["logits"] if isinstance(output, dict) else output
 
 
-class DistilledMixture(VideoClassifier):
+class DistilledMixture(UnwhiteningClassifier):
     """A mixture of member classifiers trained with online distillation (MixNeXtVLAD's scheme).
 
     Gate `g = softmax(FC(BN(mean over real frames of the input)))` over M members; mixture logit
-    `z_e = sum_m g_m z_m`; loss `BCE(y, p_e) + sum_m loss_m + T^2 * sum_m KL(softmax(z_e/T) || softmax(z_m/T))`
+    `z_e = sum_m g_m z_m`; loss `BCE(y, p_e) + sum_m loss_m + lambda * sum_m KL(softmax(z_e/T) || softmax(z_m/T))`
     where `loss_m` is the member's own loss (its BCE, or for a member that is itself a mixture
-    its whole loss, which makes a mixture of mixtures distil twice: root → mixtures → members).
-    `temperature=0` turns distillation off.
+    its whole loss, which makes a mixture of mixtures distil twice: root → mixtures → members),
+    and lambda is `distillation_weight`, T^2 when None. `temperature=0` turns distillation off.
+    The gate sees the input as the members do: unwhitened with `unwhiten_rgb` (the authors'
+    mix_weights take the mean of the unwhitened input).
 
     Members exchange only logits with the mixture: each runs on the device and dtype of its own
     parameters (inputs are moved to it, its logits and loss moved back), so members can be placed
@@ -147,11 +206,13 @@ class DistilledMixture(VideoClassifier):
     default_lr = NeXtVLADModel.default_lr
 
     def __init__(self, num_classes: int, members: list[VideoClassifier], temperature: float, input_norm: bool,
-                 in_dim: int):
-        super().__init__(num_classes, input_norm)
+                 in_dim: int, distillation_weight: float | None = None, unwhiten_rgb: bool = False):
+        super().__init__(num_classes, input_norm, unwhiten_rgb)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 turns distillation off), got {temperature}")
-        self.temperature = temperature
+        if distillation_weight is not None and distillation_weight < 0:
+            raise ValueError(f"distillation_weight must be >= 0 (None: temperature ** 2), got {distillation_weight}")
+        self.temperature, self.distillation_weight = temperature, distillation_weight
         self.members = nn.ModuleList(members)
         self.gate = nn.Sequential(nn.BatchNorm1d(in_dim), nn.Linear(in_dim, len(members)))
 
@@ -179,8 +240,8 @@ class DistilledMixture(VideoClassifier):
             member_device = _placement(member)[0]
             loss = loss + member.loss(output, labels.to(member_device)).to(loss.device)
         if self.temperature > 0:
-            loss = loss + self.temperature ** 2 * distillation_loss(outputs["logits"], outputs["member_logits"],
-                                                                    self.temperature)
+            weight = self.temperature ** 2 if self.distillation_weight is None else self.distillation_weight
+            loss = loss + weight * distillation_loss(outputs["logits"], outputs["member_logits"], self.temperature)
         return loss
 
     def classifier_weights(self) -> list[torch.Tensor]:
@@ -190,44 +251,51 @@ class DistilledMixture(VideoClassifier):
 class MixNeXtVLAD(DistilledMixture):
     """MixNeXtVLAD: `num_members` NeXtVLAD models (the other options are theirs) in a `DistilledMixture`.
 
-    Defaults are the paper's best ([mod2019] Table 2, T=20); the authors' published script for their
-    final submission ran T=1 with an SE reduction of 16.
+    Defaults are the paper's best ([mod2019] Table 2, T=20, lambda T^2) with the SE reduction of 16 of
+    the authors' mixture scripts. Their final model (`MODNeXtVLAD`) ran two stages with the same
+    architecture: video-level pretraining at T=1, lambda 1, dropout 0.5, then segment fine-tuning at
+    T=20, lambda 400, dropout 0.75.
     """
 
-    def __init__(self, num_classes: int, num_members: int = 3, temperature: float = 20.0, num_clusters: int = 128,
-                 groups: int = 8, expansion: int = 2, hidden_size: int = 2048, dropout: float = 0.5,
-                 gating_reduction: int = 8, classifier: str = "logistic", num_mixtures: int = 2,
-                 input_norm: bool = False, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+    def __init__(self, num_classes: int, num_members: int = 3, temperature: float = 20.0,
+                 distillation_weight: float | None = None, num_clusters: int = 128, groups: int = 8,
+                 expansion: int = 2, hidden_size: int = 2048, dropout: float = 0.5, gating_reduction: int = 16,
+                 classifier: str = "logistic", num_mixtures: int = 2, input_norm: bool = False,
+                 unwhiten_rgb: bool = False, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
         members = [NeXtVLADModel(num_classes, num_clusters, groups, expansion, hidden_size, dropout, gating_reduction,
-                                 classifier, num_mixtures, input_norm, rgb_dim, audio_dim)
+                                 classifier, num_mixtures, input_norm, unwhiten_rgb, rgb_dim, audio_dim)
                    for _ in range(num_members)]
-        super().__init__(num_classes, members, temperature, input_norm, rgb_dim + audio_dim)
+        super().__init__(num_classes, members, temperature, input_norm, rgb_dim + audio_dim, distillation_weight,
+                         unwhiten_rgb)
 
 
 class MODNeXtVLAD(DistilledMixture):
     """MOD NeXtVLAD: a `DistilledMixture` of `num_subtrees` MixNeXtVLADs of `num_members` NeXtVLADs each,
-    the same temperature at both levels. Each sub-tree (`members[i]`) is a self-contained
-    MixNeXtVLAD with its own gate and loss; the root needs only its logits."""
+    the same temperature and distillation weight at both levels (their scripts' cl_temperature,
+    cl_lambda and final_temperature, final_lambda agree). Each sub-tree (`members[i]`) is a
+    self-contained MixNeXtVLAD with its own gate and loss; the root needs only its logits."""
 
     def __init__(self, num_classes: int, num_subtrees: int = 4, num_members: int = 3, temperature: float = 20.0,
-                 num_clusters: int = 128, groups: int = 8, expansion: int = 2, hidden_size: int = 2048,
-                 dropout: float = 0.5, gating_reduction: int = 8, classifier: str = "logistic",
-                 num_mixtures: int = 2, input_norm: bool = False, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
-        subtrees = [MixNeXtVLAD(num_classes, num_members, temperature, num_clusters, groups, expansion, hidden_size,
-                                dropout, gating_reduction, classifier, num_mixtures, input_norm, rgb_dim, audio_dim)
+                 distillation_weight: float | None = None, num_clusters: int = 128, groups: int = 8,
+                 expansion: int = 2, hidden_size: int = 2048, dropout: float = 0.5, gating_reduction: int = 16,
+                 classifier: str = "logistic", num_mixtures: int = 2, input_norm: bool = False,
+                 unwhiten_rgb: bool = False, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+        subtrees = [MixNeXtVLAD(num_classes, num_members, temperature, distillation_weight, num_clusters, groups,
+                                expansion, hidden_size, dropout, gating_reduction, classifier, num_mixtures,
+                                input_norm, unwhiten_rgb, rgb_dim, audio_dim)
                     for _ in range(num_subtrees)]
-        super().__init__(num_classes, subtrees, temperature, input_norm, rgb_dim + audio_dim)
+        super().__init__(num_classes, subtrees, temperature, input_norm, rgb_dim + audio_dim, distillation_weight,
+                         unwhiten_rgb)
 
 
-PAPER_SETTINGS = {"num_clusters": 128, "groups": 8, "expansion": 2, "hidden_size": 2048, "dropout": 0.5,
-                  "gating_reduction": 8}
+PAPER_SETTINGS = {"num_clusters": 128, "groups": 8, "expansion": 2, "hidden_size": 2048, "dropout": 0.5}
 
 register("nextvlad", NeXtVLADModel,
          "NeXtVLAD (G 8, K 128, λ 2, H 2048, SE r 8, dropout 0.5), audio K/2 and G/2, logistic; 89M params",
-         **PAPER_SETTINGS)
+         gating_reduction=8, **PAPER_SETTINGS)
 register("mix_nextvlad", MixNeXtVLAD,
-         "MixNeXtVLAD: 3 NeXtVLADs, gated mixture of logits, online distillation T 20; 250M params at 1000 classes",
-         num_members=3, temperature=20.0, **PAPER_SETTINGS)
+         "MixNeXtVLAD: 3 NeXtVLADs (SE r 16), gated mixture of logits, online distillation (T 20 unless set); 250M params at "
+         "1000 classes", num_members=3, temperature=20.0, gating_reduction=16, **PAPER_SETTINGS)
 register("mod_nextvlad", MODNeXtVLAD,
-         "MOD NeXtVLAD: 4 MixNeXtVLADs x 3 NeXtVLADs, two-level online distillation T 20; 1000M params at 1000 classes",
-         num_subtrees=4, num_members=3, temperature=20.0, **PAPER_SETTINGS)
+         "MOD NeXtVLAD: 4 MixNeXtVLADs x 3 NeXtVLADs (SE r 16), two-level online distillation (T 20 unless set); 1000M params at "
+         "1000 classes", num_subtrees=4, num_members=3, temperature=20.0, gating_reduction=16, **PAPER_SETTINGS)

@@ -47,6 +47,7 @@ class Preset:
     description: str = ""
     source: str = ""
     reported: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)  # the training recipe: TrainConfig keys (checked by TrainConfig)
     path: Path | None = None
 
 
@@ -57,7 +58,7 @@ def preset_dirs() -> list[Path]:
     return dirs + [Path(__file__).resolve().parents[3] / "configs", Path(sys.prefix) / "share" / "yt8m" / "configs"]
 
 
-PRESET_FIELDS = {"model": str, "options": dict, "description": str, "source": str, "reported": dict}
+PRESET_FIELDS = {"model": str, "options": dict, "train": dict, "description": str, "source": str, "reported": dict}
 
 
 def _yaml_error(error: yaml.YAMLError) -> str:
@@ -98,7 +99,8 @@ def load_preset(path: str | os.PathLike) -> Preset:
             wanted = "a mapping with string keys" if expected is dict else "a string"
             raise ValueError(f"preset {path}: {key!r} must be {wanted}, found {value!r}")
     return Preset(path.stem, values["model"], dict(values.get("options") or {}), values.get("description") or "",
-                  values.get("source") or "", dict(values.get("reported") or {}), path)
+                  values.get("source") or "", dict(values.get("reported") or {}), dict(values.get("train") or {}),
+                  path)
 
 
 @functools.cache
@@ -129,11 +131,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def resolve(name: str) -> tuple[ModelEntry, dict, Preset | None]:
-    """A model or preset name (or a preset's YAML path) -> (model entry, preset options, preset)."""
-    if name in _REGISTRY:
+def resolve(name: str, from_preset: bool = True) -> tuple[ModelEntry, dict, Preset | None]:
+    """A preset name (or a preset's YAML path) or a model name -> (model entry, preset options, preset).
+
+    A preset named as a registered model (`nextvlad`) is that model with its paper's options and recipe,
+    so `yt8m train nextvlad` trains as the paper did; `from_preset=False` takes the bare registered model
+    (a saved run's config records every option, and is rebuilt so)."""
+    found, broken = _presets(tuple(preset_dirs())) if from_preset else ({}, {})
+    if name in _REGISTRY and name not in found:
         return _REGISTRY[name], {}, None
-    found, broken = _presets(tuple(preset_dirs()))
     if name in broken:
         raise ValueError(broken[name])
     preset = found.get(name)
@@ -152,26 +158,66 @@ def entry(name: str) -> ModelEntry:
     return resolve(name)[0]
 
 
+# Options every model takes: the conventions of its BatchNorm layers and of its initialisation
+# ("pytorch" or "tensorflow", `layers.apply_conventions`). Defaults chosen by measurement: docs/reproduction.md.
+COMMON_OPTIONS = {"batch_norm": "pytorch", "init": "pytorch"}
+# Options renamed since a run may have been saved: old name -> new name (one name per concept across families).
+RENAMED_OPTIONS = {"cluster_size": "num_clusters", "audio_cluster_size": "audio_num_clusters"}
+
+
+def option_names(entry: ModelEntry) -> list[str]:
+    """The options a model takes: its builder's arguments (but num_classes) and the common ones, sorted."""
+    return sorted({*inspect.signature(entry.builder).parameters, *COMMON_OPTIONS} - {"num_classes"})
+
+
 def check_option_names(name: str, entry: ModelEntry, options) -> None:
     """Raises ValueError naming the options (keys of `options`) that model `name` does not take."""
-    accepted = sorted(p for p in inspect.signature(entry.builder).parameters if p != "num_classes")
+    accepted = option_names(entry)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"model {name!r} has no option(s) {unknown}; options: {', '.join(accepted)}")
+        renamed = [f"{old} is now {RENAMED_OPTIONS[old]}" for old in unknown if old in RENAMED_OPTIONS]
+        hint = f" ({'; '.join(renamed)})" if renamed else ""
+        raise ValueError(f"model {name!r} has no option(s) {unknown}{hint}; options: {', '.join(accepted)}")
 
 
-def build(name: str, num_classes: int = 3862, **overrides) -> nn.Module:
-    """A model by registered name or preset, with `overrides` on top of its defaults.
+def upgrade_options(options: dict) -> dict:
+    """A saved model config with the options renamed since it was written under their new names."""
+    return {RENAMED_OPTIONS.get(key, key): value for key, value in options.items()}
 
-    The model's `config` records every argument, so `build(**model.config)` rebuilds it.
-    """
+
+def describe(name: str) -> dict:
+    """What a preset or model name stands for: {"name", "model", "path" (the preset's file, or None),
+    "description", "source", "options" (every option with the value it takes), "options_from_preset"
+    (the names the preset sets), "train" (the preset's recipe), "reported"}."""
     found, preset_options, preset = resolve(name)
+    parameters = inspect.signature(found.builder).parameters
+    options = {key: parameter.default for key, parameter in parameters.items() if key != "num_classes"}
+    options = {**options, **COMMON_OPTIONS, **found.defaults, **preset_options}
+    return {"name": name, "model": found.name, "path": preset.path if preset else None,
+            "description": preset.description if preset and preset.description else found.description,
+            "source": preset.source if preset else "", "options": dict(sorted(options.items())),
+            "options_from_preset": sorted(preset_options), "train": dict(preset.train) if preset else {},
+            "reported": dict(preset.reported) if preset else {}}
+
+
+def build(name: str, num_classes: int = 3862, *, from_preset: bool = True, **overrides) -> nn.Module:
+    """A model by preset or registered name, with `overrides` on top of the preset's options and the
+    model's defaults (`from_preset=False`: the registered model's defaults only; see `resolve`).
+
+    The model's `config` records every argument, so `build(**model.config, from_preset=False)` rebuilds it.
+    """
+    from yt8m.models.layers import apply_conventions
+
+    found, preset_options, preset = resolve(name, from_preset)
     check_option_names(name, found, overrides)
-    arguments = {**found.defaults, **preset_options, **overrides, "num_classes": num_classes}
+    arguments = {**COMMON_OPTIONS, **found.defaults, **preset_options, **overrides}
+    conventions = {key: arguments.pop(key) for key in COMMON_OPTIONS}
+    arguments["num_classes"] = num_classes
     model = found.builder(**arguments)
+    apply_conventions(model, **conventions)
     bound = inspect.signature(found.builder).bind(**arguments)
     bound.apply_defaults()
-    model.config = {"name": found.name, **bound.arguments}
+    model.config = {"name": found.name, **bound.arguments, **conventions}
     if preset is not None:
         model.preset = preset.name
     return model

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from yt8m.models import build
+from yt8m.models.registry import upgrade_options
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "model.pt"
@@ -200,9 +201,9 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 def model_from_state(state: dict, source: Path) -> nn.Module:
     """The model a checkpoint or model state (read from `source`) describes, with its weights, in eval mode."""
-    config = dict(state["model_config"])
+    config = upgrade_options(state["model_config"])
     try:
-        model = build(config.pop("name"), **config)
+        model = build(config.pop("name"), from_preset=False, **config)
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, KeyError) as error:
         raise CheckpointError(source, f"its model config and weights do not make a model: {error}") from None

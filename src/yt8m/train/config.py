@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from yt8m.models.registry import build, check_option_names, resolve
+from yt8m.models.registry import COMMON_OPTIONS, build, check_option_names, resolve
 
 CLIP_MODES = ("per_parameter", "global", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -97,6 +97,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def resolve(cls, values: Mapping) -> TrainConfig:
+        """The config of `values` over the recipe of the preset that `values["model"]` names (its `train:`
+        block) over the defaults: the order of precedence of `yt8m train`, whose --config, --set and flags
+        make `values`."""
+        recipe = preset_recipe(values["model"]) if isinstance(values.get("model"), str) else {}
+        return cls.from_dict({**recipe, **values})
+
+    @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         fields = dataclasses.fields(cls)
         known = {f.name for f in fields}
@@ -114,6 +122,34 @@ class TrainConfig:
         from yt8m.train.checkpoint import atomic_write_text
 
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def preset_recipe(model: str) -> dict:
+    """The training recipe of preset `model` (its `train:` block; {} for a bare model), checked: a
+    ValueError naming the preset's file for a key TrainConfig does not have or a value of the wrong type."""
+    _, _, preset = resolve(model)
+    if preset is None:
+        return {}
+    known, types_ = {f.name for f in dataclasses.fields(TrainConfig)}, _field_types()
+    unknown = sorted(set(preset.train) - known)
+    not_recipes = sorted(set(preset.train) & {"model", "train_data", "valid_data", "output", "model_options"})
+    if unknown or not_recipes:
+        what = f"unknown key(s) {unknown}" if unknown else f"key(s) {not_recipes} that belong to a run, not a recipe"
+        raise ValueError(f"preset {preset.path}: train: has {what}; a recipe takes TrainConfig keys such as lr, "
+                         "lr_decay, lr_decay_examples, l2, batch_size, epochs, clip, clip_norm, max_frames")
+    for key, value in preset.train.items():
+        try:
+            check_value(key, value, types_[key])
+        except ValueError as error:
+            raise ValueError(f"preset {preset.path}: train.{error}") from None
+    return dict(preset.train)
+
+
+def recipe_origin(config: TrainConfig) -> tuple[dict, dict]:
+    """(the recipe keys of the config's preset that the run uses, those it overrides, with the run's value)."""
+    recipe, values = preset_recipe(config.model), config.to_dict()
+    return ({key: value for key, value in recipe.items() if values[key] == value},
+            {key: values[key] for key, value in recipe.items() if values[key] != value})
 
 
 @functools.cache
@@ -176,6 +212,7 @@ def validate_model_options(model: str, options: Mapping, num_classes: int) -> No
     found, _, _ = resolve(model)
     check_option_names(model, found, options)
     hints = typing.get_type_hints(found.builder.__init__ if inspect.isclass(found.builder) else found.builder)
+    hints.update({name: str for name in COMMON_OPTIONS})
     for name, value in options.items():
         key = f"model_options.{name}"
         check_value(key, value, hints.get(name, typing.Any))

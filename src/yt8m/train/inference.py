@@ -60,17 +60,24 @@ def progress_total(loader) -> int | None:
         return None
 
 
+EVAL_SEED = 0  # the starter's eval.py: tf.set_random_seed(0)
+
+
 def predict_batches(model: nn.Module, data, num_classes: int, device: torch.device, batch_size: int = 256,
                     max_frames: int = 300, precision: str = "fp32", num_workers: int = 0, on_error: str = "raise",
                     progress: bool = True, desc: str = "predict") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """Yield (ids, probabilities [B, C] float32 on the CPU, labels [B, C]) over all records of `data`.
 
-    `on_error="skip"` skips corrupt records with a warning; the progress bar shows the batches
-    of the pass against their total, an ETA and videos per second.
+    A model that samples frames at evaluation (`model.eval_sampling`, as the starter's DBoF and WILLOW's
+    models) sees the frames drawn with the fixed seed EVAL_SEED, so that its scores repeat (for a given
+    `num_workers`). `on_error="skip"` skips corrupt records with a warning; the progress bar shows the
+    batches of the pass against their total, an ETA and videos per second.
     """
+    sampling = getattr(model, "eval_sampling", None) or {"sampling": "all"}
     # every record, even inside a distributed run (where rank 0 validates alone)
     loader = make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
-                         num_classes=num_classes, num_workers=num_workers, on_error=on_error, rank=0, world_size=1)
+                         num_classes=num_classes, num_workers=num_workers, on_error=on_error, rank=0, world_size=1,
+                         seed=EVAL_SEED, **sampling)
     model.eval()
     with torch.inference_mode(), tqdm(total=progress_total(loader), desc=desc, unit="batch", disable=not progress,
                                       leave=False) as bar:

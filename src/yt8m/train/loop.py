@@ -45,7 +45,7 @@ from yt8m.train.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from yt8m.train.config import TrainConfig, validate_model_options
+from yt8m.train.config import TrainConfig, recipe_origin, validate_model_options
 from yt8m.train.inference import autocast, evaluate, progress_total, resolve_device
 from yt8m.train.lock import RunLock
 
@@ -259,6 +259,10 @@ def _all_reduce(values: list[int], device: torch.device, world_size: int, op: st
     return total.tolist()
 
 
+def _key_values(values: dict) -> str:
+    return ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}" for key, value in values.items())
+
+
 def _count_videos(files: list[str]) -> str:
     try:
         return f"{sum(count_records_many(files)):,} videos"
@@ -378,6 +382,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         say(f"{config.model}: {parameters / 1e6:.2f}M parameters on {device} ({config.precision}); lr {base_lr:g}, "
             f"batch {batch_size} per rank x {world_size} rank(s); train {len(train_files)} shard(s), "
             f"{_count_videos(train_files)}{valid}; {config.epochs} epoch(s); {begin} -> {run_dir}")
+        used, overridden = recipe_origin(config)
+        if used or overridden:
+            changed = f"; overridden: {_key_values(overridden)}" if overridden else ""
+            say(f"recipe of preset {config.model}: {_key_values(used) or 'none kept'}{changed}")
 
     log = MetricsLog(run_dir, after_step=step) if main_rank else None
     if main_rank:
