@@ -151,8 +151,12 @@ def _run_config(output: Path, model: str, num_classes: int | None) -> dict:
     from yt8m.train import load_yaml
     from yt8m.train.loop import check_resumable, config_path
 
+    from yt8m.models.registry import upgrade_options
+
     values = load_yaml(config_path(output))
     check_resumable(values, {"model": model, "num_classes": num_classes}, str(output))
+    if isinstance(values.get("model_options"), dict):  # a run saved before an option was renamed
+        values["model_options"] = upgrade_options(values["model_options"])
     return values
 
 
@@ -235,13 +239,14 @@ def _describe(name: str) -> str:
     """`yt8m models --describe NAME`: the preset's (or model's) settings as readable text."""
     import textwrap
 
+    from yt8m.models import entry
     from yt8m.models.registry import describe
     from yt8m.train import TrainConfig
     from yt8m.train.config import preset_recipe
 
     try:
         found = describe(name)
-        recipe = preset_recipe(name)
+        recipe = preset_recipe(name)  # checked: a bad recipe is an error here as in `yt8m train`
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--describe") from None
 
@@ -251,15 +256,23 @@ def _describe(name: str) -> str:
     def paragraph(title: str, text: str) -> str:
         return textwrap.fill(f"{title}: {text}", width=100, subsequent_indent="    ")
 
-    kind = f"preset of model {found['model']} ({found['path']})" if found["path"] else "registered model (no preset)"
-    lines = [f"{name}: {kind}", paragraph("description", found["description"])]
+    builder = entry(name).builder
+    level = getattr(builder, "level", "frame")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TRAIN_SUMMARY_KEYS}
+    defaults.update(lr=f"{getattr(builder, 'default_lr', 0.01):g} (the model's)",
+                    batch_size=f"{1024 if level == 'video' else 128} ({level} level)")
+    rest = {key: value for key, value in defaults.items() if key not in recipe}
+    preset = found["path"] is not None
+    lines = [f"{name}: " + (f"preset of model {found['model']} ({found['path']})" if preset
+                            else "registered model (no preset)"),
+             paragraph("description", found["description"])]
     if found["source"]:
         lines.append(paragraph("source", found["source"]))
-    lines.append(paragraph("options (* set by the preset)", values(found["options"], set(found["options_from_preset"]))))
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TRAIN_SUMMARY_KEYS}
-    rest = {key: value for key, value in defaults.items() if key not in recipe}
+    lines.append(paragraph("options (* set by the preset)" if preset else "options",
+                           values(found["options"], set(found["options_from_preset"]))))
     lines.append(paragraph("recipe (train:)", values(recipe) or "none: the TrainConfig defaults"))
-    lines.append(paragraph("other training defaults", values(rest)))
+    if rest:
+        lines.append(paragraph("other training defaults", values(rest)))
     if found["reported"]:
         lines.append(paragraph("reported", values(found["reported"])))
     return "\n".join(lines)
@@ -349,7 +362,9 @@ def models(name: str | None) -> None:
 
 
 QUICKSTART_MODEL = "dbof"
-QUICKSTART_OPTIONS = {"num_clusters": 1024, "hidden_size": 512}
+# A small DBoF, with PyTorch's BatchNorm convention: the starter's (TensorFlow's decay 0.999) leaves the running
+# statistics near their start after the few hundred steps of a quickstart (docs/reproduction.md, Conventions).
+QUICKSTART_OPTIONS = {"num_clusters": 1024, "hidden_size": 512, "batch_norm_convention": "pytorch"}
 
 
 @main.command()

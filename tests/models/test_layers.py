@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from yt8m.models.frame import DeepBagOfFrames
+from yt8m.models import build
 from yt8m.models.layers import (
     ContextGating,
     MixtureOfExperts,
@@ -325,3 +327,19 @@ def test_conventions_are_checked():
     for options in ({"batch_norm": "tf"}, {"init": "keras"}):
         with pytest.raises(ValueError, match=r"must be one of \['pytorch', 'tensorflow'\], got '(tf|keras)'"):
             apply_conventions(nn.Linear(2, 2), **options)
+
+
+def test_the_nextvlad_family_gets_the_authors_variance_scaling_under_the_tensorflow_convention():
+    torch.manual_seed(0)
+    model = build("nextvlad", 50, from_preset=False, num_clusters=16, groups=4, hidden_size=256,
+                  init_convention="tensorflow")
+    for name, parameter in model.named_parameters():
+        if name.endswith(("weight", "cluster_centers")) and parameter.dim() == 2:
+            std = math.sqrt(2.6 / parameter.shape[1])
+            assert parameter.abs().max() <= 2 * std + 1e-6, name  # truncated at two standard deviations
+            assert parameter.std().item() == pytest.approx(0.88 * std, rel=0.15), name  # the truncated normal's
+        elif name.endswith("bias") and "norm" not in name:
+            assert torch.all(parameter == 0), name
+    mixture = build("mix_nextvlad", 50, from_preset=False, num_clusters=16, groups=4, hidden_size=64,
+                    init_convention="tensorflow")
+    assert torch.all(mixture.gate[1].bias == 0)  # the mixture's gate too

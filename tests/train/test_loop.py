@@ -358,3 +358,33 @@ def test_invalid_config_values_are_refused(field, value):
 def test_unknown_config_keys_are_refused():
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epoch'\].*epochs"):
         TrainConfig.from_dict({"model": "moe", "train_data": "x", "output": "y", "epoch": 3})
+
+
+def test_a_run_saved_before_a_rename_and_a_preset_edit_resumes_and_loads_as_it_was(tiny_corpus, tmp_path,
+                                                                                   monkeypatch):
+    """A run records its whole model: neither renamed options (cluster_size), nor options added since
+    (sample_at_eval, which then did not exist: every frame at evaluation), nor a preset of its model's
+    name edited after it was saved, change what it resumes or loads."""
+    from yt8m.train.checkpoint import atomic_save, load_checkpoint
+
+    run = tmp_path / "old"
+    train(make_config(tiny_corpus, run, epochs=1), progress=False)
+    for path in checkpoints(run):  # what a checkpoint of the earlier version held
+        state = load_checkpoint(path)
+        options = dict(state["model_config"])
+        options["cluster_size"] = options.pop("num_clusters")
+        del options["sample_at_eval"], options["batch_norm_convention"], options["init_convention"]
+        state["model_config"] = options
+        state["train_config"]["model_options"] = {"cluster_size": 64, "hidden_size": 32}
+        atomic_save(state, path)
+    (run / "model.pt").unlink()
+    monkeypatch.setenv("YT8M_CONFIG_DIR", str(tmp_path))  # a `dbof` preset of other sizes, written since
+    (tmp_path / "dbof.yaml").write_text("model: dbof\noptions: {num_clusters: 16, hidden_size: 8}\n")
+    config = make_config(tiny_corpus, run, epochs=2, model_options={"cluster_size": 64, "hidden_size": 32})
+    with pytest.raises(ValueError, match=r"cluster_size is now num_clusters"):
+        train(config, resume=True, progress=False)  # today's name is asked for...
+    config = make_config(tiny_corpus, run, epochs=2)
+    assert train(config, resume=True, progress=False)["steps"] == 14  # ...and the old run resumes under it
+    model = load_model(run / "checkpoints" / checkpoints(run)[-1].name)
+    assert model.config["num_clusters"] == 64 and model.config["sample_at_eval"] is False
+    assert model.eval_sampling is None

@@ -266,14 +266,19 @@ def apply_conventions(model: nn.Module, batch_norm: str = "pytorch", init: str =
     [input + hidden, gates * hidden], so `weight_ih` and `weight_hh` share one bound; LSTM biases 0 except the
     forget gate's, which stays what the model set (`recurrent.init_forget_bias`, TF's `forget_bias`); GRU
     biases those of TF's GRUCell (reset and update gates 1, candidate 0). Parameters of other modules
-    (cluster centres, BatchNorm affine terms) are left as built.
+    (cluster centres, BatchNorm affine terms) are left as built. A model whose authors initialised every
+    layer with slim's variance scaling (`model.tensorflow_init == "variance_scaling"`: the NeXtVLAD family)
+    gets that instead, for every weight and its cluster centres, explicit marks included.
 
     The marks live on the parameter objects: call this on a freshly built model (a move to another
     device type may replace the parameters and drop their marks).
     """
-    for name, value in (("batch_norm", batch_norm), ("init", init)):
+    for name, value in (("batch_norm_convention", batch_norm), ("init_convention", init)):
         if value not in CONVENTIONS:
             raise ValueError(f"{name} must be one of {list(CONVENTIONS)}, got {value!r}")
+    if init == "tensorflow" and getattr(model, "tensorflow_init", "glorot") == "variance_scaling":
+        _variance_scaling_init_(model)
+        init = "pytorch"  # every weight is the authors' now; BatchNorm below
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = BATCH_NORM_CONVENTIONS[batch_norm]["momentum"]
@@ -286,6 +291,33 @@ def apply_conventions(model: nn.Module, batch_norm: str = "pytorch", init: str =
                     module.bias.zero_()
         elif init == "tensorflow" and isinstance(module, (nn.LSTM, nn.GRU)):
             _tf_init_recurrent_(module)
+
+
+@torch.no_grad()
+def _variance_scaling_init_(model: nn.Module) -> None:
+    """slim.variance_scaling_initializer() with its defaults (factor 2, fan in, truncated normal): every
+    weight matrix and cluster-centre table ~ N(0, 2.6 / fan_in) truncated at 2 standard deviations (about
+    He-normal once truncated), biases 0. The NeXtVLAD authors' code initialises every layer so
+    ([mod-code] nextvlad.py, `slim.arg_scope` over all its layers); a model says so with
+    `tensorflow_init = "variance_scaling"`."""
+    for name, parameter in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias" and not _in_batch_norm(model, name):
+            parameter.zero_()
+        elif leaf == "weight" and parameter.dim() == 2:  # Linear [out, in]: fan in is `in`
+            _truncated_normal_(parameter, parameter.shape[1])
+        elif leaf == "cluster_centers":  # [K, D/G]: TensorFlow's [1, D/G, K] has fan in D/G
+            _truncated_normal_(parameter, parameter.shape[1])
+
+
+def _in_batch_norm(model: nn.Module, name: str) -> bool:
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return isinstance(owner, nn.modules.batchnorm._BatchNorm)
+
+
+def _truncated_normal_(parameter: torch.Tensor, fan_in: int) -> None:
+    std = math.sqrt(1.3 * 2.0 / fan_in)
+    nn.init.trunc_normal_(parameter, std=std, a=-2 * std, b=2 * std)
 
 
 def _explicit(parameter: torch.Tensor) -> bool:

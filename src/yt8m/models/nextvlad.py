@@ -72,6 +72,8 @@ class UnwhiteningClassifier(VideoClassifier):
     `rgb' = (rgb - 4/512) * (sqrt(eigenvalue_j) + 1e-4)` per rgb dimension j, audio unchanged, before
     any normalisation. The scale is a non-persistent buffer: state dicts are the same either way."""
 
+    tensorflow_init = "variance_scaling"  # `init_convention: tensorflow`: every layer as the authors' slim.arg_scope
+
     def __init__(self, num_classes: int, input_norm: bool, unwhiten_rgb: bool, rgb_dim: int = RGB_DIM):
         super().__init__(num_classes, input_norm)
         if unwhiten_rgb and rgb_dim != RGB_DIM:

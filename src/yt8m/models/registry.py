@@ -160,7 +160,7 @@ def entry(name: str) -> ModelEntry:
 
 # Options every model takes: the conventions of its BatchNorm layers and of its initialisation
 # ("pytorch" or "tensorflow", `layers.apply_conventions`). Defaults chosen by measurement: docs/reproduction.md.
-COMMON_OPTIONS = {"batch_norm": "pytorch", "init": "pytorch"}
+COMMON_OPTIONS = {"batch_norm_convention": "pytorch", "init_convention": "pytorch"}
 # Options renamed since a run may have been saved: old name -> new name (one name per concept across families).
 RENAMED_OPTIONS = {"cluster_size": "num_clusters", "audio_cluster_size": "audio_num_clusters"}
 
@@ -181,8 +181,12 @@ def check_option_names(name: str, entry: ModelEntry, options) -> None:
 
 
 def upgrade_options(options: dict) -> dict:
-    """A saved model config with the options renamed since it was written under their new names."""
-    return {RENAMED_OPTIONS.get(key, key): value for key, value in options.items()}
+    """A saved model config (or a run's model_options) as today's options say it: renamed options under their
+    new names, and `sample_at_eval` False for a model saved before it existed (it evaluated on every frame)."""
+    upgraded = {RENAMED_OPTIONS.get(key, key): value for key, value in options.items()}
+    if "train_frames" in upgraded and "sample_at_eval" not in upgraded and "name" in upgraded:
+        upgraded["sample_at_eval"] = False
+    return upgraded
 
 
 def describe(name: str) -> dict:
@@ -214,7 +218,7 @@ def build(name: str, num_classes: int = 3862, *, from_preset: bool = True, **ove
     conventions = {key: arguments.pop(key) for key in COMMON_OPTIONS}
     arguments["num_classes"] = num_classes
     model = found.builder(**arguments)
-    apply_conventions(model, **conventions)
+    apply_conventions(model, conventions["batch_norm_convention"], conventions["init_convention"])
     bound = inspect.signature(found.builder).bind(**arguments)
     bound.apply_defaults()
     model.config = {"name": found.name, **bound.arguments, **conventions}

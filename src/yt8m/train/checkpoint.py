@@ -199,11 +199,17 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
+def model_from_config(model_config: dict) -> nn.Module:
+    """The (untrained) model that a saved `model.config` records: every option as saved, none from a preset,
+    so that an edited preset cannot change a saved run."""
+    config = upgrade_options(model_config)
+    return build(config.pop("name"), from_preset=False, **config)
+
+
 def model_from_state(state: dict, source: Path) -> nn.Module:
     """The model a checkpoint or model state (read from `source`) describes, with its weights, in eval mode."""
-    config = upgrade_options(state["model_config"])
     try:
-        model = build(config.pop("name"), from_preset=False, **config)
+        model = model_from_config(state["model_config"])
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError, KeyError) as error:
         raise CheckpointError(source, f"its model config and weights do not make a model: {error}") from None

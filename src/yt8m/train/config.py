@@ -32,6 +32,10 @@ SIZE_OPTION = re.compile(r"^num_|_size$|_dim$|_frames$|^groups$|^expansion$|_red
 
 @dataclass
 class TrainConfig:
+    """The training config of a run. The constructor and `from_dict` take the values as given;
+    `TrainConfig.resolve(values)` puts them over the recipe of the preset that `model` names, as
+    `yt8m train` does."""
+
     model: str
     train_data: str | list[str]
     output: str

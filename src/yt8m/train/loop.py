@@ -35,6 +35,7 @@ from yt8m.data import CorruptRecordError, count_records_many, make_loader, prepa
 from yt8m.data.records import expand_paths
 from yt8m.metrics import gap, hit_at_one, perr
 from yt8m.models import build
+from yt8m.models.registry import upgrade_options
 from yt8m.train.checkpoint import (
     FINAL_MODEL,
     CheckpointError,
@@ -42,6 +43,7 @@ from yt8m.train.checkpoint import (
     atomic_write_text,
     checkpoints,
     latest_intact_checkpoint,
+    model_from_config,
     remove_stale_temporaries,
     save_checkpoint,
 )
@@ -203,9 +205,16 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), resolved
 
 
+def _upgraded(config: dict) -> dict:
+    """A train config with its model_options under today's names (a run saved before a rename resumes)."""
+    options = config.get("model_options")
+    return {**config, "model_options": upgrade_options(options)} if isinstance(options, dict) else config
+
+
 def check_resumable(saved: dict, current: dict, run: str) -> None:
     """Raises ValueError naming each of RESUME_KEYS that `current` sets (not None) to another value than
     the run's config `saved`; `run` says which run (and file) it is."""
+    saved, current = _upgraded(saved), _upgraded(current)
     differ = [f"{key}: the run has {saved.get(key)!r}, this command {current[key]!r}"
               for key in RESUME_KEYS if current.get(key) is not None and saved.get(key) != current[key]]
     if differ:
@@ -260,7 +269,8 @@ def _all_reduce(values: list[int], device: torch.device, world_size: int, op: st
 
 
 def _key_values(values: dict) -> str:
-    return ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}" for key, value in values.items())
+    return ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {'default' if value is None else value}"
+                     for key, value in values.items())
 
 
 def _count_videos(files: list[str]) -> str:
@@ -308,7 +318,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                              "into a new --output, or start this one afresh by removing it")
 
     seed_everything(config.seed)
-    model = build(config.model, num_classes=config.num_classes, **config.model_options).to(device)
+    # a resumed run is the model its checkpoint records (a preset edited since cannot change it)
+    model = (model_from_config(state["model_config"]) if state is not None
+             else build(config.model, num_classes=config.num_classes, **config.model_options)).to(device)
     base_lr = config.lr or getattr(model, "default_lr", 0.01)
     batch_size = config.batch_size or (1024 if model.level == "video" else 128)
     sampling = model.train_sampling or {"sampling": "all"}
