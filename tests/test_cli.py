@@ -105,6 +105,14 @@ def test_eval_json_prints_one_json_object_and_nothing_else(run_dir, tiny_corpus)
     assert all(0.0 <= scores[key] <= 1.0 for key in ("gap", "map", "hit_at_one", "perr"))
 
 
+def test_eval_scores_the_frames_the_run_validated_on(run_dir, tiny_corpus):
+    """The run trained with max_frames 40 and its dbof samples frames at evaluation (seed 0): `yt8m eval`
+    reads the run's max_frames, so it repeats the run's own validation score exactly."""
+    result = invoke("eval", run_dir, "--data", files(tiny_corpus, "frame", "validate"), "--json")
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads(result.stdout)["gap"] == [entry["valid_gap"] for entry in logged if "valid_gap" in entry][-1]
+
+
 def test_eval_prints_a_summary_line(run_dir, tiny_corpus):
     result = invoke("eval", run_dir, "--data", files(tiny_corpus, "frame", "validate"), "--top-k", 5)
     assert result.exit_code == 0, result.output

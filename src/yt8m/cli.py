@@ -124,6 +124,17 @@ def _load_run(run: Path, data: tuple[str, ...], device: str):
     return load_model(run, map_location=target).to(target), files, target
 
 
+def _max_frames(run: Path) -> int:
+    """The max_frames that RUN trained and validated with (its config.yaml), so that eval and predict read
+    the same frames; 300, the starter's, for a model file outside a run."""
+    from yt8m.train import TrainConfig, load_yaml
+    from yt8m.train.loop import config_path
+
+    path = config_path(_run_of(run))
+    value = load_yaml(path).get("max_frames") if path.is_file() else None
+    return value if isinstance(value, int) and value >= 1 else TrainConfig.max_frames
+
+
 def _run_of(source: Path) -> Path:
     """The run directory that `source` (a run directory, or a checkpoint or model file) belongs to;
     a model file outside any run stands for itself."""
@@ -303,7 +314,8 @@ def evaluate_command(run: Path, data: tuple[str, ...], top_k: int, batch_size: i
 
     model, files, target = _load_run(run, data, device)
     scores = _data_errors(lambda: evaluate(model, files, model.num_classes, target, top_k=top_k,
-                                           batch_size=batch_size, progress=not as_json))
+                                           batch_size=batch_size, max_frames=_max_frames(run),
+                                           progress=not as_json))
     if scores["num_videos"] == 0:
         raise click.BadParameter(f"no video to score in {len(files)} file(s): they hold no records",
                                  param_hint="--data")
@@ -334,7 +346,7 @@ def predict(run: Path, data: tuple[str, ...], output: Path, overwrite: bool, top
     model, files, target = _load_run(run, data, device)
     count = _data_errors(lambda: write_submission(model, files, output, model.num_classes, target, top_k=top_k,
                                                   overwrite=overwrite, protect=_protected(run),
-                                                  batch_size=batch_size))
+                                                  batch_size=batch_size, max_frames=_max_frames(run)))
     click.echo(f"wrote {count} videos to {output}")
 
 
