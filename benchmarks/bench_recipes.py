@@ -66,14 +66,14 @@ def run(preset: str, files: dict, args, work: Path, recipe: bool, seed: int, **o
     output = work / f"{preset}-{'recipe' if recipe else 'defaults'}-{seed}-{len(os.listdir(work))}"
     values = {"model": preset, "train_data": files["frame"]["train"], "output": str(output),
               "num_classes": args.classes, "epochs": args.epochs, "seed": seed, "checkpoint_every": 10**9,
-              "max_frames": MAX_FRAMES,
+              "max_frames": args.max_frames,
               "model_options": {**small_options(preset), **options}}
     config = TrainConfig.resolve(values) if recipe else TrainConfig.from_dict(values)
     start = time.perf_counter()
     summary = train(config, progress=False)
     model = load_model(output)
-    scores = evaluate(model, files["frame"]["validate"], args.classes, torch.device("cpu"), max_frames=MAX_FRAMES,
-                      progress=False)
+    scores = evaluate(model, files["frame"]["validate"], args.classes, torch.device("cpu"),
+                      max_frames=args.max_frames, progress=False)
     row = {"gap": scores["gap"], "steps": summary["steps"], "seconds": time.perf_counter() - start,
            "batch": config.batch_size, "model": model}
     shutil.rmtree(output)
@@ -115,7 +115,7 @@ def sampling(files, args, work) -> None:
             sampled.append(row)
             model.eval_sampling = None  # the same weights, every frame
             every.append({"gap": evaluate(model, files["frame"]["validate"], args.classes, torch.device("cpu"),
-                                          max_frames=MAX_FRAMES, progress=False)["gap"]})
+                                          max_frames=args.max_frames, progress=False)["gap"]})
         print(f"{name:28s} {gap(sampled):>14s} {gap(every):>14s}", flush=True)
 
 
@@ -126,12 +126,14 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=3000)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="frames read (the first N)")
     parser.add_argument("--seeds", type=int, default=1, help="runs per cell, seeds 0..N-1 (mean ± stdev)")
     parser.add_argument("--presets", nargs="+", default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the corpus here")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"cpu; corpus {args.videos} videos x {args.classes} classes, {args.epochs} epochs, {args.seeds} seed(s)")
+          f"cpu; corpus {args.videos} videos x {args.classes} classes, {args.epochs} epochs, {args.seeds} seed(s), "
+          f"the first {args.max_frames} frames")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
