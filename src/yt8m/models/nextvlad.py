@@ -20,7 +20,8 @@ BatchNorm statistics and the gate's mean, where the authors' code averages them 
 Parameters at 1000 classes: nextvlad 83.0M ([mod2019] Table 1: 83M; 88.9M at 3862 classes,
 [nextvlad2018]: 89M), mix_nextvlad 247.5M and mod_nextvlad 990.1M ([mod2019] Table 2: 250M, 1000M).
 One difference from their layout: the shared `SEContextGating` has a bias in its excitation FC
-(H parameters per model).
+(H parameters per model). With `init_convention="tensorflow"` (the presets) every weight and the
+cluster centres start as their `slim.variance_scaling_initializer()` (`tensorflow_init` below).
 """
 
 from __future__ import annotations
@@ -264,8 +265,10 @@ class MixNeXtVLAD(DistilledMixture):
                  expansion: int = 2, hidden_size: int = 2048, dropout: float = 0.5, gating_reduction: int = 16,
                  classifier: str = "logistic", num_mixtures: int = 2, input_norm: bool = False,
                  unwhiten_rgb: bool = False, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
-        members = [NeXtVLADModel(num_classes, num_clusters, groups, expansion, hidden_size, dropout, gating_reduction,
-                                 classifier, num_mixtures, input_norm, unwhiten_rgb, rgb_dim, audio_dim)
+        members = [NeXtVLADModel(num_classes, num_clusters=num_clusters, groups=groups, expansion=expansion,
+                                 hidden_size=hidden_size, dropout=dropout, gating_reduction=gating_reduction,
+                                 classifier=classifier, num_mixtures=num_mixtures, input_norm=input_norm,
+                                 unwhiten_rgb=unwhiten_rgb, rgb_dim=rgb_dim, audio_dim=audio_dim)
                    for _ in range(num_members)]
         super().__init__(num_classes, members, temperature, input_norm, rgb_dim + audio_dim, distillation_weight,
                          unwhiten_rgb)
@@ -282,9 +285,11 @@ class MODNeXtVLAD(DistilledMixture):
                  expansion: int = 2, hidden_size: int = 2048, dropout: float = 0.5, gating_reduction: int = 16,
                  classifier: str = "logistic", num_mixtures: int = 2, input_norm: bool = False,
                  unwhiten_rgb: bool = False, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
-        subtrees = [MixNeXtVLAD(num_classes, num_members, temperature, distillation_weight, num_clusters, groups,
-                                expansion, hidden_size, dropout, gating_reduction, classifier, num_mixtures,
-                                input_norm, unwhiten_rgb, rgb_dim, audio_dim)
+        subtrees = [MixNeXtVLAD(num_classes, num_members=num_members, temperature=temperature,
+                                distillation_weight=distillation_weight, num_clusters=num_clusters, groups=groups,
+                                expansion=expansion, hidden_size=hidden_size, dropout=dropout,
+                                gating_reduction=gating_reduction, classifier=classifier, num_mixtures=num_mixtures,
+                                input_norm=input_norm, unwhiten_rgb=unwhiten_rgb, rgb_dim=rgb_dim, audio_dim=audio_dim)
                     for _ in range(num_subtrees)]
         super().__init__(num_classes, subtrees, temperature, input_norm, rgb_dim + audio_dim, distillation_weight,
                          unwhiten_rgb)

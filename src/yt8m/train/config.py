@@ -50,7 +50,7 @@ class TrainConfig:
     lr_decay_examples: int = 4_000_000
     clip: str = "per_parameter"         # gradient-norm clipping: per_parameter | global | none
     clip_norm: float = 1.0
-    l2: float = 1e-8                    # on the classifier weights: l2 * sum(w ** 2) / 2
+    l2: float = 1e-8                    # l2 * sum(w ** 2) / 2 over model.classifier_weights() (NeXtVLAD: with its bias)
     max_frames: int = 300
     num_workers: int = 0
     shuffle_buffer: int = 1024
