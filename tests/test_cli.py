@@ -442,3 +442,23 @@ def test_eval_on_unlabeled_data_warns_and_counts_the_labeled_videos(run_dir, tin
     with pytest.warns(UserWarning, match="only 0 of 8 videos have labels"):
         summary = invoke("eval", run_dir, "--data", test)
     assert "(8 videos, 0 with labels)" in summary.stdout
+
+
+def test_train_with_a_preset_says_which_recipe_keys_it_keeps_and_which_it_overrides(tiny_corpus, tmp_path,
+                                                                                    monkeypatch):
+    presets_dir = tmp_path / "presets"
+    presets_dir.mkdir()
+    (presets_dir / "tiny_dbof.yaml").write_text(
+        "model: dbof\noptions: {num_clusters: 16, hidden_size: 8}\n"
+        "train: {lr: 0.003, lr_decay: 0.5, l2: 0.001, batch_size: 4, max_frames: 40}\n")
+    monkeypatch.setenv("YT8M_CONFIG_DIR", str(presets_dir))
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text("l2: 0.002\nlr_decay: 0.6\n")
+    result = invoke("train", "tiny_dbof", "--train-data", files(tiny_corpus, "frame", "train"), "--output",
+                    tmp_path / "run", "--num-classes", NUM_CLASSES, "--epochs", 1, "--config", config_file,
+                    "--set", "l2=0.004", "--batch-size", 8)
+    assert result.exit_code == 0, result.output
+    assert ("recipe of preset tiny_dbof: lr 0.003, max_frames 40; overridden: lr_decay 0.6, l2 0.004, batch_size 8"
+            in result.stderr)
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (config["lr"], config["lr_decay"], config["l2"], config["batch_size"]) == (0.003, 0.6, 0.004, 8)
