@@ -201,5 +201,13 @@ def test_a_model_that_samples_at_evaluation_sees_the_same_frames_every_time(tiny
 
     first = probabilities(sampled)
     torch.testing.assert_close(probabilities(sampled), first, rtol=0, atol=0)  # EVAL_SEED: the same frames
+    train_files = [str(p) for p in tiny_corpus.files["frame"]["train"]]  # several shards
+    by_id = {video: p for ids, batch, _ in predict_batches(sampled, train_files, NUM_CLASSES, CPU, batch_size=5,
+                                                           progress=False) for video, p in zip(ids, batch)}
+    alone = list(predict_batches(sampled, train_files[-1:], NUM_CLASSES, CPU, batch_size=2, progress=False))
+    assert len(train_files) > 1 and alone
+    for ids, batch, _ in alone:  # a video's frames do not depend on the other videos, their order or the batch
+        for video, p in zip(ids, batch):
+            torch.testing.assert_close(p, by_id[video], rtol=1e-5, atol=1e-6)  # the batch's float rounding only
     sampled.eval_sampling = None  # sample_at_eval=False: every frame
     assert not torch.allclose(probabilities(sampled), first)

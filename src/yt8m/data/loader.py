@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -54,7 +55,7 @@ class YT8MDataset(IterableDataset):
                  sampling: str = "all", num_samples: int | None = None, num_classes: int = 3862,
                  shuffle: bool = False, shuffle_buffer: int = 1024, seed: int = 0, drop_last: bool = False,
                  on_error: str = "raise", check_crc: bool = True, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, seed_per_video: bool = False):
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         if sampling not in SAMPLINGS:
@@ -73,6 +74,7 @@ class YT8MDataset(IterableDataset):
         self.shuffle = shuffle
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.seed = seed
+        self.seed_per_video = seed_per_video
         self.drop_last = drop_last
         self.on_error = on_error
         self.check_crc = check_crc
@@ -174,7 +176,9 @@ class YT8MDataset(IterableDataset):
         views = {key: out.numpy() for key, out in frames.items()}  # [B, T, D], sharing the tensors' memory
         num_frames = np.zeros(size, np.int64)
         for i, example in enumerate(examples):
-            index = self._frame_index(example["rgb"].shape[0], length, rng)
+            draws = (np.random.default_rng([self.seed, zlib.crc32(example["id"].encode())])
+                     if self.seed_per_video and self.sampling != "all" else rng)
+            index = self._frame_index(example["rgb"].shape[0], length, draws)
             count = num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
             for key, out in views.items():
                 out[i, :count] = example[key][index]
@@ -348,7 +352,7 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
                 seed: int = 0, *, num_samples: int | None = None, shuffle_buffer: int = 1024,
                 drop_last: bool = False, on_error: str = "raise", check_crc: bool = True,
                 pin_memory: bool = False, prefetch_factor: int | None = None, prefetch_thread: bool = True,
-                rank: int | None = None, world_size: int | None = None) -> YT8MLoader:
+                rank: int | None = None, world_size: int | None = None, seed_per_video: bool = False) -> YT8MLoader:
     """Batches of YouTube-8M records, streamed from TFRecord shards.
 
     Each batch is a dict: `id` (list of str), `labels` (float32 multi-hot [B, num_classes]),
@@ -359,7 +363,9 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     sampling: "all" keeps the first `max_frames` frames (T = max_frames); "random" draws
     `num_samples` (default max_frames) of the first `max_frames` frames, with replacement, as the
     starter code does;
-    "subsequence" takes `num_samples` consecutive frames from a random start.
+    "subsequence" takes `num_samples` consecutive frames from a random start. With `seed_per_video`,
+    each video's frames are drawn from a generator seeded by (`seed`, the CRC-32 of its id), so that they
+    do not depend on the other videos, the files' order, the batch size or the workers (evaluation).
     Shards are split by distributed rank (`rank`/`world_size`, default: torch.distributed when
     initialised) and DataLoader worker. With `shuffle`, the file order changes every epoch
     and records pass through a buffer of `shuffle_buffer` records. With `num_workers=0`, batches
@@ -372,7 +378,7 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     the length of the next pass.
     """
     dataset = YT8MDataset(paths, level, batch_size, max_frames, sampling, num_samples, num_classes, shuffle,
-                          shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size)
+                          shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size, seed_per_video)
     return YT8MLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                       prefetch_thread=prefetch_thread)
 

@@ -69,15 +69,15 @@ def predict_batches(model: nn.Module, data, num_classes: int, device: torch.devi
     """Yield (ids, probabilities [B, C] float32 on the CPU, labels [B, C]) over all records of `data`.
 
     A model that samples frames at evaluation (`model.eval_sampling`, as the starter's DBoF and WILLOW's
-    models) sees the frames drawn with the fixed seed EVAL_SEED, so that its scores repeat (for a given
-    `num_workers`). `on_error="skip"` skips corrupt records with a warning; the progress bar shows the
+    models) sees each video's frames drawn from EVAL_SEED and the video's id: the same frames whatever the
+    other videos, their order, the batch size or the workers. `on_error="skip"` skips corrupt records with a warning; the progress bar shows the
     batches of the pass against their total, an ETA and videos per second.
     """
     sampling = getattr(model, "eval_sampling", None) or {"sampling": "all"}
     # every record, even inside a distributed run (where rank 0 validates alone)
     loader = make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
                          num_classes=num_classes, num_workers=num_workers, on_error=on_error, rank=0, world_size=1,
-                         seed=EVAL_SEED, **sampling)
+                         seed=EVAL_SEED, seed_per_video=True, **sampling)
     model.eval()
     with torch.inference_mode(), tqdm(total=progress_total(loader), desc=desc, unit="batch", disable=not progress,
                                       leave=False) as bar:
