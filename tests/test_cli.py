@@ -458,7 +458,18 @@ def test_train_with_a_preset_says_which_recipe_keys_it_keeps_and_which_it_overri
                     tmp_path / "run", "--num-classes", NUM_CLASSES, "--epochs", 1, "--config", config_file,
                     "--set", "l2=0.004", "--batch-size", 8)
     assert result.exit_code == 0, result.output
-    assert ("recipe of preset tiny_dbof: lr 0.003, max_frames 40; overridden: lr_decay 0.6, l2 0.004, batch_size 8"
-            in result.stderr)
+    assert (f"recipe of preset tiny_dbof ({presets_dir / 'tiny_dbof.yaml'}): lr 0.003, max_frames 40; "
+            "overridden: lr_decay 0.6, l2 0.004, batch_size 8" in result.stderr)
+    model_config = yaml.safe_load((tmp_path / "run" / "model_config.yaml").read_text())
+    assert model_config["name"] == "dbof" and model_config["num_clusters"] == 16  # the preset's options too
+    other = tmp_path / "other.yaml"
+    other.write_text("model: lstm\nl2: 0.002\n")
+    result = invoke("train", "tiny_dbof", "--train-data", files(tiny_corpus, "frame", "train"), "--output",
+                    tmp_path / "run2", "--num-classes", NUM_CLASSES, "--epochs", 1, "--config", other, "--quiet")
+    assert result.exit_code == 0 and "is a config of model 'lstm': its model is ignored" in result.stderr
+    resumed = invoke("train", "tiny_dbof", "--train-data", files(tiny_corpus, "frame", "train"), "--output",
+                     tmp_path / "run2", "--num-classes", NUM_CLASSES, "--epochs", 2, "--lr", 0.01, "--quiet",
+                     "--resume")
+    assert resumed.exit_code == 0 and "with changed settings: epochs 1 -> 2, lr 0.003 -> 0.01" in resumed.stderr
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (config["lr"], config["lr_decay"], config["l2"], config["batch_size"]) == (0.003, 0.6, 0.004, 8)

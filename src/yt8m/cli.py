@@ -191,9 +191,12 @@ def _data_errors(run):
               help="Run directory: config, checkpoints, metrics log, final model.")
 @click.option("--valid-data", multiple=True, help=f"Validation TFRecords, scored after every epoch: {DATA_HELP}.")
 @click.option("--num-classes", type=int, default=None, help="Classes in the data [default: 3862].")
-@click.option("--epochs", type=int, default=None, help="Passes over the training data [default: 5].")
-@click.option("--batch-size", type=int, default=None, help="[default: 1024 video level, 128 frame level]")
-@click.option("--lr", type=float, default=None, help="Base learning rate [default: the model's, 0.01 mostly].")
+@click.option("--epochs", type=int, default=None,
+              help="Passes over the training data [default: the preset's recipe, else 5].")
+@click.option("--batch-size", type=int, default=None,
+              help="[default: the preset's recipe, else 1024 video level, 128 frame level]")
+@click.option("--lr", type=float, default=None,
+              help="Base learning rate [default: the preset's recipe, else the model's, 0.01 mostly].")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in all [default: every epoch].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML file of training config keys.")
@@ -223,7 +226,11 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
     if resume and config_path(output).exists():
         values = _run_config(output, model, num_classes)
     if config_file:
-        values.update(load_yaml(config_file))
+        from_file = load_yaml(config_file)
+        if from_file.get("model") not in (None, model):  # e.g. another run's config.yaml
+            warnings.warn(f"{config_file} is a config of model {from_file['model']!r}: its model is ignored, and its "
+                          f"training keys replace the recipe of {model!r}", stacklevel=2)
+        values.update(from_file)
     values = apply_overrides(values, list(assignments))
     flags = {"model": model, "train_data": train_patterns, "output": str(output), "valid_data": valid_patterns,
              "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_steps": max_steps}
@@ -365,8 +372,11 @@ def models(name: str | None) -> None:
 
     found = presets()
     for name in available():
-        recipe = " (with its paper's options and recipe: the preset of this name)" if name in found else ""
-        click.echo(f"{name:18s} {entry(name).description}{recipe}")
+        if name in found:  # what the name builds: the preset of this name
+            title = re.split(r"[:.] ", found[name].description, maxsplit=1)[0]
+            click.echo(f"{name:18s} preset of the registered model of this name: {title}")
+        else:
+            click.echo(f"{name:18s} {entry(name).description}")
     for name, preset in sorted(found.items()):
         if name not in available():
             title = re.split(r"[:.] ", preset.description, maxsplit=1)[0]

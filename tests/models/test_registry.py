@@ -94,3 +94,5 @@ def test_describe_prints_options_recipe_source_and_reported_figures():
     assert "none: the TrainConfig defaults" in bare.output
     unknown = CliRunner().invoke(main, ["models", "--describe", "nope"])
     assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.output
+    typo = CliRunner().invoke(main, ["models", "--describe", "nextvald"])
+    assert "Did you mean 'nextvlad'" in " ".join(typo.output.split())

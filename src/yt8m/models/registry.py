@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import os
@@ -146,8 +147,10 @@ def resolve(name: str, from_preset: bool = True) -> tuple[ModelEntry, dict, Pres
     if preset is None and name.endswith((".yaml", ".yml")) and Path(name).is_file():
         preset = load_preset(name)
     if preset is None:
+        close = difflib.get_close_matches(name, [*available(), *presets()], n=3)
+        hint = f". Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(available())}; "
-                         f"presets: {', '.join(sorted(presets())) or 'none'}")
+                         f"presets: {', '.join(sorted(presets())) or 'none'}{hint}")
     if preset.model not in _REGISTRY:
         raise ValueError(f"preset {preset.name!r} ({preset.path}) names unknown model {preset.model!r}")
     return _REGISTRY[preset.model], preset.options, preset

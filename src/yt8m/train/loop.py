@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
@@ -35,7 +36,7 @@ from yt8m.data import CorruptRecordError, count_records_many, make_loader, prepa
 from yt8m.data.records import expand_paths
 from yt8m.metrics import gap, hit_at_one, perr
 from yt8m.models import build
-from yt8m.models.registry import upgrade_options
+from yt8m.models.registry import resolve, upgrade_options
 from yt8m.train.checkpoint import (
     FINAL_MODEL,
     CheckpointError,
@@ -52,6 +53,7 @@ from yt8m.train.inference import autocast, evaluate, progress_total, resolve_dev
 from yt8m.train.lock import RunLock
 
 CONFIG_FILE = "config.yaml"
+MODEL_CONFIG_FILE = "model_config.yaml"  # the built model's every option
 METRICS_FILE = "metrics.jsonl"
 # what must match between a run and the configuration that resumes it
 RESUME_KEYS = ("model", "num_classes", "model_options")
@@ -268,6 +270,12 @@ def _all_reduce(values: list[int], device: torch.device, world_size: int, op: st
     return total.tolist()
 
 
+def preset_path(model: str) -> Path | None:
+    """The file of the preset that `model` names (None for a bare model)."""
+    preset = resolve(model)[2]
+    return preset.path if preset is not None else None
+
+
 def _key_values(values: dict) -> str:
     return ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {'default' if value is None else value}"
                      for key, value in values.items())
@@ -313,6 +321,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         if found is not None:
             source, state = found
             check_resumable(state["train_config"], config.to_dict(), f"{run_dir} ({source.name})")
+            changed = {key: (value, state["train_config"].get(key)) for key, value in config.to_dict().items()
+                       if key not in RESUME_KEYS and state["train_config"].get(key) != value}
+            if changed and main_rank:
+                warnings.warn(f"resuming {run_dir} with changed settings: " + ", ".join(
+                    f"{key} {before!r} -> {after!r}" for key, (after, before) in changed.items()), stacklevel=4)
         elif (run_dir / FINAL_MODEL).exists():
             raise ValueError(f"nothing to resume in {run_dir}: it holds {FINAL_MODEL} but no checkpoint. Train "
                              "into a new --output, or start this one afresh by removing it")
@@ -397,11 +410,14 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         used, overridden = recipe_origin(config)
         if used or overridden:
             changed = f"; overridden: {_key_values(overridden)}" if overridden else ""
-            say(f"recipe of preset {config.model}: {_key_values(used) or 'none kept'}{changed}")
+            say(f"recipe of preset {config.model} ({preset_path(config.model)}): {_key_values(used) or 'none kept'}"
+                f"{changed}")
 
     log = MetricsLog(run_dir, after_step=step) if main_rank else None
     if main_rank:
         config.dump(run_dir / CONFIG_FILE)
+        # every option of the model built (a preset's included): `build(**...)` rebuilds it anywhere
+        atomic_write_text(run_dir / MODEL_CONFIG_FILE, yaml.safe_dump(model.config, sort_keys=False))
     window_start, window_examples = time.perf_counter(), 0
     try:
         with StopRequest(enabled=world_size == 1) as stop:
