@@ -175,9 +175,9 @@ class YT8MDataset(IterableDataset):
         frames = {key: _uint8_buffer((size, length, dim), shared=in_worker) for key, dim in FRAME_DIMS.items()}
         views = {key: out.numpy() for key, out in frames.items()}  # [B, T, D], sharing the tensors' memory
         num_frames = np.zeros(size, np.int64)
+        per_video = self.seed_per_video and self.sampling != "all"
         for i, example in enumerate(examples):
-            draws = (np.random.default_rng([self.seed, zlib.crc32(example["id"].encode())])
-                     if self.seed_per_video and self.sampling != "all" else rng)
+            draws = np.random.default_rng([self.seed, zlib.crc32(example["id"].encode())]) if per_video else rng
             index = self._frame_index(example["rgb"].shape[0], length, draws)
             count = num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
             for key, out in views.items():

@@ -81,24 +81,27 @@ class MixtureOfExperts(nn.Module):
 
 
 class LogisticClassifier(nn.Module):
-    """One linear layer to the class logits."""
+    """One linear layer to the class logits; `regularize_bias` puts its bias under the L2 penalty too."""
 
-    def __init__(self, in_dim: int, num_classes: int):
+    def __init__(self, in_dim: int, num_classes: int, regularize_bias: bool = False):
         super().__init__()
         self.linear = nn.Linear(in_dim, num_classes)
+        self.regularize_bias = regularize_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
 
     def classifier_weights(self) -> list[torch.Tensor]:
-        return [self.linear.weight]
+        return [self.linear.weight, self.linear.bias] if self.regularize_bias else [self.linear.weight]
 
 
-def build_classifier(kind: str, in_dim: int, num_classes: int, num_mixtures: int = 2) -> nn.Module:
+def build_classifier(kind: str, in_dim: int, num_classes: int, num_mixtures: int = 2,
+                     regularize_bias: bool = False) -> nn.Module:
+    """A "moe" or "logistic" head; `regularize_bias` puts a logistic head's bias under the L2 penalty."""
     if kind == "moe":
         return MixtureOfExperts(in_dim, num_classes, num_mixtures)
     if kind == "logistic":
-        return LogisticClassifier(in_dim, num_classes)
+        return LogisticClassifier(in_dim, num_classes, regularize_bias)
     raise ValueError(f"unknown classifier {kind!r}: expected 'moe' or 'logistic'")
 
 

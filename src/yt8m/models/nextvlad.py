@@ -37,7 +37,6 @@ from torch import nn
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models.base import VideoClassifier
 from yt8m.models.layers import (
-    LogisticClassifier,
     SEContextGating,
     build_classifier,
     frame_mask,
@@ -153,7 +152,8 @@ class NeXtVLADModel(UnwhiteningClassifier):
         self.hidden = nn.Linear(self.rgb_pool.out_dim + self.audio_pool.out_dim, hidden_size, bias=False)
         self.hidden_norm = nn.BatchNorm1d(hidden_size)
         self.gating = SEContextGating(hidden_size, gating_reduction)
-        self.head = build_classifier(classifier, hidden_size, num_classes, num_mixtures)
+        # the authors' L2 covers their LogisticModel's weights and biases, their MoeModel's weights only
+        self.head = build_classifier(classifier, hidden_size, num_classes, num_mixtures, regularize_bias=True)
 
     def forward_features(self, rgb, audio, num_frames):
         x = self.inputs(rgb, audio)  # [B, T, D]
@@ -161,13 +161,6 @@ class NeXtVLADModel(UnwhiteningClassifier):
         rgb, audio = x[..., :self.rgb_dim], x[..., self.rgb_dim:]
         pooled = torch.cat([self.rgb_pool(rgb, mask), self.audio_pool(audio, mask)], -1)  # [B, P_rgb + P_audio]
         return self.gating(self.hidden_norm(self.hidden(self.dropout(pooled))))  # [B, H]
-
-    def classifier_weights(self) -> list[torch.Tensor]:
-        """What the authors' L2 covers: the logistic classifier's weights and biases (their LogisticModel's
-        weights_ and biases_regularizer); for an MoE head, its weights (their MoeModel's)."""
-        if isinstance(self.head, LogisticClassifier):
-            return [self.head.linear.weight, self.head.linear.bias]
-        return self.head.classifier_weights()
 
 
 def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:

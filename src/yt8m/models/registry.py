@@ -184,18 +184,14 @@ def check_option_names(name: str, entry: ModelEntry, options) -> None:
 
 
 def upgrade_options(options: dict) -> dict:
-    """A saved model config (or a run's model_options) as today's options say it: renamed options under their
-    new names, and `sample_at_eval` False for a model saved before it existed (it evaluated on every frame)."""
-    upgraded = {RENAMED_OPTIONS.get(key, key): value for key, value in options.items()}
-    if "train_frames" in upgraded and "sample_at_eval" not in upgraded and "name" in upgraded:
-        upgraded["sample_at_eval"] = False
-    return upgraded
+    """Model options (a run's, or a saved model config) with the options renamed since under their new names."""
+    return {RENAMED_OPTIONS.get(key, key): value for key, value in options.items()}
 
 
 def describe(name: str) -> dict:
     """What a preset or model name stands for: {"name", "model", "path" (the preset's file, or None),
     "description", "source", "options" (every option with the value it takes), "options_from_preset"
-    (the names the preset sets), "train" (the preset's recipe), "reported"}."""
+    (the names the preset sets), "reported"}; the recipe, checked: `train.config.preset_recipe`."""
     found, preset_options, preset = resolve(name)
     parameters = inspect.signature(found.builder).parameters
     options = {key: parameter.default for key, parameter in parameters.items() if key != "num_classes"}
@@ -203,7 +199,7 @@ def describe(name: str) -> dict:
     return {"name": name, "model": found.name, "path": preset.path if preset else None,
             "description": preset.description if preset and preset.description else found.description,
             "source": preset.source if preset else "", "options": dict(sorted(options.items())),
-            "options_from_preset": sorted(preset_options), "train": dict(preset.train) if preset else {},
+            "options_from_preset": sorted(preset_options),
             "reported": dict(preset.reported) if preset else {}}
 
 

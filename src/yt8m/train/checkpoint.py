@@ -203,6 +203,8 @@ def model_from_config(model_config: dict) -> nn.Module:
     """The (untrained) model that a saved `model.config` records: every option as saved, none from a preset,
     so that an edited preset cannot change a saved run."""
     config = upgrade_options(model_config)
+    if "train_frames" in config:  # saved before sample_at_eval existed: it evaluated on every frame
+        config.setdefault("sample_at_eval", False)
     return build(config.pop("name"), from_preset=False, **config)
 
 
