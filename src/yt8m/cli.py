@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
+import sys
 import warnings
 import time
 from pathlib import Path
@@ -244,13 +246,28 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
     except KeyboardInterrupt:  # a stop after a step has said where, and how to resume
         click.echo("interrupted", err=True)
         raise SystemExit(130) from None
-    if summary["rank"] != 0:  # under torchrun, rank 0 reports
+    if summary["rank"] == 0:  # under torchrun, rank 0 reports
+        valid = summary["valid"]
+        loss = f", loss {summary['loss']:.4f}" if summary["loss"] is not None else ""  # None: nothing left to train
+        scores = f", valid GAP {valid['gap']:.4f}" if valid else ""
+        click.echo(f"trained {model}: {summary['steps']} steps, {summary['examples']} examples"
+                   f"{loss}{scores}, in {time.perf_counter() - start:.0f} s -> {output}")
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, after a finished run: destroys the process group and ends the process at once. The
+    interpreter's own teardown then destroys gloo's C++ objects, and now and then one aborts it
+    ('terminate called without an active exception', after every file is written), which torchrun
+    reports as a failed run. Everything the run writes is closed by then; only stdio is left to flush."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
         return
-    valid = summary["valid"]
-    loss = f", loss {summary['loss']:.4f}" if summary["loss"] is not None else ""  # None: nothing left to train
-    scores = f", valid GAP {valid['gap']:.4f}" if valid else ""
-    click.echo(f"trained {model}: {summary['steps']} steps, {summary['examples']} examples"
-               f"{loss}{scores}, in {time.perf_counter() - start:.0f} s -> {output}")
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _describe(name: str) -> str:
