@@ -240,7 +240,7 @@ BAD_INPUTS = [  # (arguments, what the message says); every one exits 2 without 
     pytest.param([*EVAL, "--device", "cuda"], "device 'cuda': no CUDA GPU", id="eval --device cuda"),
     pytest.param([*EVAL, "--top-k", "0"], "'--top-k': 0 is not in the range x>=1", id="eval --top-k 0"),
     pytest.param([*EVAL, "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1", id="eval --batch-size 0"),
-    pytest.param(["eval", "{tmp}/no_run", "--data", "{frame_validate}"], "no run directory or checkpoint file at",
+    pytest.param(["eval", "{tmp}/no_run", "--data", "{frame_validate}"], "no run directory, model file, ensemble or prediction store at",
                  id="eval missing run"),
     pytest.param(["eval", "{run}", "--data", "{tmp}/none*.tfrecord"], "no TFRecord files match", id="eval empty glob"),
     pytest.param(["eval", "{tmp}/untrained", "--data", "{frame_validate}"], "no model.pt and no checkpoint",
@@ -259,7 +259,7 @@ BAD_INPUTS = [  # (arguments, what the message says); every one exits 2 without 
     pytest.param(["predict", "{run}", "--data", "{test_shard}", "--output", "{test_shard}", "--overwrite"],
                  "it is the input file", id="predict over its input"),
     pytest.param(["predict", "{tmp}/no_run", "--data", "{frame_test}", "--output", "{tmp}/sub.csv"],
-                 "no run directory or checkpoint file at", id="predict missing run"),
+                 "no run directory, model file, ensemble or prediction store at", id="predict missing run"),
     pytest.param(["predict", "{tmp}/untrained", "--data", "{frame_test}", "--output", "{tmp}/sub.csv"],
                  "no model.pt and no checkpoint", id="predict untrained"),
     # synth
@@ -333,10 +333,10 @@ def test_version_and_help():
 
 def test_usage_errors_do_not_hide_bugs(run_dir, tiny_corpus, monkeypatch):
     """A ValueError raised outside yt8m's own checks is a bug: it keeps its traceback (exit 1)."""
-    def broken_evaluate(*args, **kwargs):
+    def broken_scoring(*args, **kwargs):
         return int("a bug")
 
-    monkeypatch.setattr("yt8m.train.evaluate", broken_evaluate)
+    monkeypatch.setattr("yt8m.train.inference.score_batches", broken_scoring)
     result = runner().invoke(main, ["eval", str(run_dir), "--data", files(tiny_corpus, "frame", "validate")])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
 

@@ -115,47 +115,24 @@ def _check_model(name: str) -> None:
         raise click.BadParameter(str(error), param_hint="MODEL") from None
 
 
-def _load_run(run: Path, data: tuple[str, ...], device: str):
-    """(the trained model of RUN on its device, the files of --data, the device)."""
-    from yt8m.train import load_model, resolve_device
-
-    if not run.exists():
-        raise click.BadParameter(f"no run directory or checkpoint file at {run}", param_hint="RUN")
-    target = resolve_device(device)
-    files = _resolve_data(_patterns(data), "--data")
-    return load_model(run, map_location=target).to(target), files, target
-
-
-def _max_frames(run: Path) -> int:
-    """The max_frames that RUN trained and validated with (its config.yaml), so that eval and predict read
-    the same frames; 300, the starter's, for a model file outside a run."""
-    from yt8m.train import TrainConfig, load_yaml
-    from yt8m.train.loop import config_path
-
-    path = config_path(_run_of(run))
-    value = load_yaml(path).get("max_frames") if path.is_file() else None
-    return value if isinstance(value, int) and value >= 1 else TrainConfig.max_frames
-
-
-def _run_of(source: Path) -> Path:
-    """The run directory that `source` (a run directory, or a checkpoint or model file) belongs to;
-    a model file outside any run stands for itself."""
-    from yt8m.train.checkpoint import CHECKPOINT_DIR
-    from yt8m.train.loop import config_path
-
-    if source.is_dir():
-        return source
-    if source.parent.name == CHECKPOINT_DIR:
-        return source.parent.parent
-    return source.parent if config_path(source.parent).exists() else source
-
-
 def _protected(source: Path) -> list[Path]:
-    """What predicting from `source` never writes over: its run, or the model file and its digest."""
+    """What predicting from `source` never writes over: its run, ensemble or store, or the model file and
+    its digest."""
+    from yt8m.ensemble.predictor import run_of
     from yt8m.train.checkpoint import digest_path
 
-    run = _run_of(source)
+    run = run_of(source)
     return [run, digest_path(run)] if run.is_file() else [run]
+
+
+def _load_predictor(source: Path, device: str, batch_size: int):
+    """The predictor of SOURCE (a run, checkpoint or model file, ensemble or prediction store)."""
+    from yt8m.ensemble import load_predictor
+
+    if not source.exists():
+        raise click.BadParameter(f"no run directory, model file, ensemble or prediction store at {source}",
+                                 param_hint="RUN")
+    return load_predictor(source, device=device, batch_size=batch_size)
 
 
 def _run_config(output: Path, model: str, num_classes: int | None) -> dict:
@@ -321,25 +298,29 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
 
 
 @main.command("eval")
-@click.argument("run", type=click.Path(path_type=Path))
-@click.option("--data", required=True, multiple=True, help=f"TFRecords to score: {DATA_HELP}.")
+@click.argument("run", type=click.Path(path_type=Path), required=False)
+@click.option("--data", required=True, multiple=True, help=f"Labelled TFRecords to score on: {DATA_HELP}.")
+@click.option("--scores", "store", type=click.Path(path_type=Path), default=None,
+              help="Score this prediction store (of `predict --scores`) instead of a run.")
 @click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="k of GAP@k.")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @usage_errors
-def evaluate_command(run: Path, data: tuple[str, ...], top_k: int, batch_size: int, device: str,
-                     as_json: bool) -> None:
-    """Score the model of RUN (a run directory, or a checkpoint or model file) on --data: GAP@20, mAP,
-    Hit@1, PERR. Warns when some videos have no labels."""
+def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None, top_k: int, batch_size: int,
+                     device: str, as_json: bool) -> None:
+    """Score RUN (a run directory, a checkpoint or model file, an ensemble directory or a prediction store) on
+    --data: GAP@20, mAP, Hit@1, PERR. Warns when some videos have no labels."""
     import json
 
-    from yt8m.train import evaluate
+    from yt8m.train.inference import score_batches
 
-    model, files, target = _load_run(run, data, device)
-    scores = _data_errors(lambda: evaluate(model, files, model.num_classes, target, top_k=top_k,
-                                           batch_size=batch_size, max_frames=_max_frames(run),
-                                           progress=not as_json))
+    if (run is None) == (store is None):
+        raise click.UsageError("give either RUN or --scores STORE")
+    files = _resolve_data(_patterns(data), "--data")
+    predictor = _load_predictor(run or store, device, batch_size)
+    scores = _data_errors(lambda: score_batches(predictor.predict(files, progress=not as_json),
+                                                predictor.num_classes, top_k))
     if scores["num_videos"] == 0:
         raise click.BadParameter(f"no video to score in {len(files)} file(s): they hold no records",
                                  param_hint="--data")
@@ -351,27 +332,152 @@ def evaluate_command(run: Path, data: tuple[str, ...], top_k: int, batch_size: i
                    f"PERR {scores['perr']:.4f}  ({scores['num_videos']} videos{labeled})")
 
 
+def _scores_top_k(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected a positive integer or 'all', got {value!r}", param_hint="--scores-top-k")
+    return int(value)
+
+
+SCORES_TOP_K_HELP = "Classes kept per video in a store: a positive integer, or all (dense)."
+
+
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--data", required=True, multiple=True, help=f"TFRecords to predict: {DATA_HELP}.")
-@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The CSV to write; never an input file or a file of the run.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="Classes per video.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The submission CSV to write; never an input file or a file of the run.")
+@click.option("--scores", type=click.Path(path_type=Path), default=None,
+              help="Also (or instead) write every video's scores to this prediction store (a folder).")
+@click.option("--scores-top-k", default="100", show_default=True, help=SCORES_TOP_K_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace --output (or --scores) if it exists.")
+@click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="Classes per video in the CSV.")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @usage_errors
-def predict(run: Path, data: tuple[str, ...], output: Path, overwrite: bool, top_k: int, batch_size: int,
-            device: str) -> None:
-    """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) of the model of RUN (a run
-    directory, or a checkpoint or model file) for --data."""
-    from yt8m.train import write_submission
+def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path | None, scores_top_k: str,
+            overwrite: bool, top_k: int, batch_size: int, device: str) -> None:
+    """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) of RUN (a run directory, a
+    checkpoint or model file, or an ensemble directory) for --data, and/or its prediction store (--scores)."""
+    from yt8m.ensemble import copy_store
+    from yt8m.train.inference import check_output, write_submission_rows
 
-    model, files, target = _load_run(run, data, device)
-    count = _data_errors(lambda: write_submission(model, files, output, model.num_classes, target, top_k=top_k,
-                                                  overwrite=overwrite, protect=_protected(run),
-                                                  batch_size=batch_size, max_frames=_max_frames(run)))
+    if output is None and scores is None:
+        raise click.UsageError("give --output FILE.csv, --scores STORE, or both")
+    k = _scores_top_k(scores_top_k)
+    files = _resolve_data(_patterns(data), "--data")
+    protect = _protected(run)
+    if scores is not None:
+        check_output(scores, files, protect, overwrite)
+    if output is not None:
+        check_output(output, files, protect, overwrite)
+    predictor = _load_predictor(run, device, batch_size)
+    if scores is not None:
+        store = _data_errors(lambda: predictor.scores(files, top_k=k))
+        copy_store(store.path, scores, overwrite=overwrite)
+        click.echo(f"wrote the scores of {store.num_videos} videos to {scores} "
+                   f"({'all' if store.top_k is None else store.top_k} classes each)")
+    if output is not None:
+        count = _data_errors(lambda: write_submission_rows(lambda: predictor.predict(files), output,
+                                                           predictor.num_classes, top_k, overwrite, protect, files))
+        click.echo(f"wrote {count} videos to {output}")
+
+
+@main.command()
+@click.argument("method")
+@click.option("--members", required=True, multiple=True,
+              help="Runs, prediction stores or ensembles to combine; repeat the flag or separate with commas.")
+@click.option("--holdout", required=True, multiple=True,
+              help=f"Labelled TFRecords the members did not train on, to fit on: {DATA_HELP}.")
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The ensemble directory to write.")
+@click.option("--norm", type=click.Choice(["l1", "l2", "l3"]), default=None,
+              help="ap_weighted: the norm of the per-class APs [default: l3].")
+@click.option("--trials", type=POSITIVE, default=None, help="search: random weight draws [default: 100].")
+@click.option("--epochs", type=POSITIVE, default=None, help="weighted, classwise, attention: passes over the holdout.")
+@click.option("--lr", type=float, default=None, help="weighted, classwise, attention: Adam's learning rate.")
+@click.option("--num-mixtures", type=POSITIVE, default=None, help="attention: K, the low-rank matrices [default: 16].")
+@click.option("--rank", type=POSITIVE, default=None, help="attention: D, their rank [default: 4].")
+@click.option("--seed", type=int, default=None, help="search, weighted, classwise, attention [default: 0].")
+@click.option("--scores-top-k", default="100", show_default=True, help=SCORES_TOP_K_HELP)
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True, help="Of the members' predictions.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace the ensemble in --output.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@usage_errors
+def ensemble(method: str, members: tuple[str, ...], holdout: tuple[str, ...], output: Path, norm: str | None,
+             trials: int | None, epochs: int | None, lr: float | None, num_mixtures: int | None, rank: int | None,
+             seed: int | None, scores_top_k: str, batch_size: int, device: str, overwrite: bool, quiet: bool) -> None:
+    """Fit METHOD (mean, weighted, search, classwise, ap_weighted, attention) on --holdout to combine the
+    --members, and write the ensemble directory --output, which eval and predict take as a run."""
+    from yt8m.ensemble import METHODS, fit_ensemble
+
+    if method not in METHODS:
+        raise click.BadParameter(f"expected one of {', '.join(METHODS)}, got {method!r}", param_hint="METHOD")
+    given = {"norm": norm, "trials": trials, "epochs": epochs, "lr": lr, "num_mixtures": num_mixtures, "rank": rank,
+             "seed": seed}
+    options = {key: value for key, value in given.items() if value is not None}
+    names = [member for value in members for member in value.split(",") if member]
+    files = _resolve_data(_patterns(holdout), "--holdout")
+    start = time.perf_counter()
+    record = _data_errors(lambda: fit_ensemble(method, names, files, output, options, top_k=_scores_top_k(scores_top_k),
+                                               device=device, batch_size=batch_size, overwrite=overwrite,
+                                               progress=not quiet))
+    scores = record["holdout_scores"]
+    best = max(scores["members"].values(), key=lambda s: s["gap"])
+    for name, weight in zip(names, record["member_weights"]):
+        shown = "" if weight is None else f"  weight {weight:.3f}"
+        click.echo(f"  member {name}: holdout GAP {scores['members'][name]['gap']:.4f}{shown}")
+    click.echo(f"{method} ensemble of {len(names)} members: holdout GAP {scores['ensemble']['gap']:.4f} "
+               f"({scores['ensemble']['gap'] - best['gap']:+.4f} over the best member), "
+               f"{record['holdout']['num_videos']} videos, in {time.perf_counter() - start:.0f} s -> {output}")
+
+
+@main.command()
+@click.argument("submissions", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The CSV to write.")
+@click.option("--weights", default=None, help="One weight per submission, comma-separated [default: equal].")
+@click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="Classes per video in the output.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@usage_errors
+def merge(submissions: tuple[Path, ...], output: Path, weights: str | None, top_k: int, overwrite: bool) -> None:
+    """Average the class lists of video-level submissions (the 2017 2nd place's final submission merged the
+    top-20 lists of two ensembles); a class missing from a list counts 0 there."""
+    from yt8m.ensemble import merge_submissions
+
+    values = None
+    if weights is not None:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"expected numbers separated by commas, got {weights!r}",
+                                     param_hint="--weights") from None
+    count = merge_submissions(list(submissions), output, values, top_k=top_k, overwrite=overwrite)
     click.echo(f"wrote {count} videos to {output}")
+
+
+@main.command()
+@click.argument("data", nargs=-1, required=True)
+@click.option("--into", "fractions", required=True, help="Splits and their fractions, e.g. train2=0.9,valid1=0.05,valid2=0.05.")
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory of the splits: OUTPUT/NAME/NAME-00000.tfrecord, and split.json.")
+@click.option("--shard-size", type=POSITIVE, default=1024, show_default=True, help="Records per written shard.")
+@click.option("--salt", default="", help="Changes the assignment (the same salt, the same split).")
+@click.option("--overwrite", is_flag=True, help="Replace a split written before in --output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@usage_errors
+def split(data: tuple[str, ...], fractions: str, output: Path, shard_size: int, salt: str, overwrite: bool,
+          quiet: bool) -> None:
+    """Carve the labelled records of DATA (paths, globs or directories) into disjoint splits by a hash of each
+    video id, as the 2017 2nd place split validate into train2, validate1 and validate2."""
+    from yt8m.data.split import parse_fractions, split_records
+
+    files = _resolve_data(_patterns(data), "DATA")
+    info = _data_errors(lambda: split_records(files, parse_fractions(fractions), output, shard_size=shard_size,
+                                              salt=salt, overwrite=overwrite, progress=not quiet))
+    counts = ", ".join(f"{name} {count}" for name, count in info.counts.items())
+    click.echo(f"wrote {output}: {counts} videos")
 
 
 @main.command()

@@ -131,6 +131,26 @@ def test_map_leaves_out_classes_without_positives():
     assert mean_ap(predictions, labels, top_k=1) == pytest.approx(0.5)
 
 
+def test_class_average_precisions_are_what_map_averages():
+    predictions, labels = random_dataset(300, 40, seed=9)
+    labels[:, [3, 17]] = 0  # two classes without positives
+    evaluator = Evaluator(40, top_k=10)
+    evaluator.update(predictions[:120], labels[:120])
+    evaluator.update(predictions[120:], labels[120:])
+    class_aps = evaluator.class_average_precisions()
+    assert class_aps.dtype == torch.float64 and class_aps.shape == (40,)
+    assert torch.isnan(class_aps).nonzero().flatten().tolist() == [3, 17]
+    present = class_aps[~torch.isnan(class_aps)]
+    assert float(present.mean()) == pytest.approx(evaluator.compute()["map"], abs=1e-12)
+    # the hand-computed example above: c0 -> 1, c1 no positives, c2 -> 1, c3 -> 0
+    hand = Evaluator(4, top_k=2)
+    hand.update(np.array([[0.9, 0.8, 0.1, 0.3], [0.2, 0.7, 0.6, 0.05], [0.4, 0.35, 0.5, 0.45]]),
+                np.array([[1, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]))
+    assert torch.equal(hand.class_average_precisions().isnan(), torch.tensor([False, True, False, False]))
+    assert hand.class_average_precisions()[[0, 2, 3]].tolist() == pytest.approx([1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="class_average_precisions: expected at least one video"):
+        Evaluator(4).class_average_precisions()
+
 def test_input_types_give_the_same_result():
     predictions, labels = random_dataset(120, 40, seed=5, dtype=np.float32)
     expected = evaluate(predictions, labels, top_k=10)

@@ -55,7 +55,7 @@ def _check_2d(values: torch.Tensor, name: str) -> None:
 def _class_average_precisions(
     ranked_classes: torch.Tensor, ranked_positive: torch.Tensor, class_positives: torch.Tensor
 ) -> torch.Tensor:
-    """Per-class AP of best-first (class, is_positive) entries, for classes with positives."""
+    """Per-class AP of best-first (class, is_positive) entries; NaN for classes without positives."""
     grouped_classes, grouping = torch.sort(ranked_classes, stable=True)  # best first per class
     hit_at = torch.nonzero(ranked_positive.index_select(0, grouping)).squeeze(1)  # in grouping
     hit_classes = grouped_classes[hit_at]  # sorted, since hits keep the grouping's order
@@ -65,8 +65,7 @@ def _class_average_precisions(
     )
     precision_sums = torch.zeros(class_positives.numel(), dtype=torch.float64)
     precision_sums.index_add_(0, hit_classes.long(), hit_number_in_class.double() / rank_in_class)
-    has_positives = class_positives > 0
-    return precision_sums[has_positives] / class_positives[has_positives]
+    return torch.where(class_positives > 0, precision_sums / class_positives, torch.nan)
 
 
 class Evaluator:
@@ -144,22 +143,33 @@ class Evaluator:
         self._classes.append(top_classes[:, :kept].to(self._class_dtype).cpu())
         self._positive.append(top_positive[:, :kept].contiguous().cpu())
 
-    @torch.no_grad()
-    def compute(self) -> dict[str, float | int]:
-        """Metrics over all videos so far: gap, map, hit_at_one, perr (floats), num_videos."""
+    def _ranked_entries(self, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept (class, is_positive) entries of all videos so far, best first."""
         if self._num_videos == 0:
-            raise ValueError("Evaluator.compute: expected at least one video, found none")
+            raise ValueError(f"Evaluator.{caller}: expected at least one video, found none")
         # Merge the per-update pieces once, so later updates and computes append to one piece.
         for pieces in (self._scores, self._classes, self._positive):
             if len(pieces) > 1:
                 pieces[:] = [torch.cat(pieces)]
         order = descending_order(self._scores[0].flatten())
-        ranked_positive = self._positive[0].flatten().index_select(0, order)
         ranked_classes = self._classes[0].flatten().index_select(0, order)
+        return ranked_classes, self._positive[0].flatten().index_select(0, order)
 
+    @torch.no_grad()
+    def class_average_precisions(self) -> torch.Tensor:
+        """Per-class AP over all videos so far, float64 [num_classes], the values whose mean is
+        `compute()`'s map; NaN for classes without positives."""
+        ranked_classes, ranked_positive = self._ranked_entries("class_average_precisions")
+        return _class_average_precisions(ranked_classes, ranked_positive, self._class_positives)
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, float | int]:
+        """Metrics over all videos so far: gap, map, hit_at_one, perr (floats), num_videos."""
+        ranked_classes, ranked_positive = self._ranked_entries("compute")
         class_positives = self._class_positives
         gap = average_precision(ranked_positive, int(class_positives.sum()))
         class_aps = _class_average_precisions(ranked_classes, ranked_positive, class_positives)
+        class_aps = class_aps[class_positives > 0]
         return {
             "gap": gap,
             "map": float(class_aps.mean()) if class_aps.numel() else 0.0,

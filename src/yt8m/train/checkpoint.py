@@ -110,6 +110,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     tensors and plain values. A file without a recorded digest loads with a warning, or with
     `require_digest` (resuming a run, whose every checkpoint gets one) is refused.
     """
+    state = load_file(path, map_location, require_digest)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
+            or not isinstance(state.get("model_config"), dict) or "name" not in state["model_config"]:
+        raise CheckpointError(path, "not a yt8m checkpoint or model (no 'model' weights and 'model_config')")
+    return state
+
+
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", require_digest: bool = False):
+    """What `atomic_save` wrote to `path`, checked as `load_checkpoint` checks it, whatever its structure."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint or model file at {path}")
@@ -140,9 +149,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                                     "files; load it only if you trust its origin.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(path, f"unreadable, truncated or not a PyTorch file ({error})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
-            or not isinstance(state.get("model_config"), dict) or "name" not in state["model_config"]:
-        raise CheckpointError(path, "not a yt8m checkpoint or model (no 'model' weights and 'model_config')")
     return state
 
 
@@ -218,16 +224,22 @@ def model_from_state(state: dict, source: Path) -> nn.Module:
     return model.eval()
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a run directory (its final model, else its latest checkpoint), or of one
-    checkpoint or model file, in eval mode. Loads with `weights_only=True` and checks digests."""
+def model_file(path: str | os.PathLike) -> Path:
+    """The file `load_model(path)` reads: the file itself, or a run's final model, else its latest checkpoint."""
     path = Path(path)
     if path.is_file():
-        return model_from_state(load_checkpoint(path, map_location), path)
+        return path
     if not path.is_dir():
         raise FileNotFoundError(f"no run directory or model file at {path}")
     final = path / FINAL_MODEL
     sources = [final] if final.exists() else checkpoints(path)[-1:]
     if not sources:
         raise FileNotFoundError(f"{path} holds no {FINAL_MODEL} and no checkpoint: was it trained?")
-    return model_from_state(load_checkpoint(sources[0], map_location), sources[0])
+    return sources[0]
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained model of a run directory (its final model, else its latest checkpoint), or of one
+    checkpoint or model file, in eval mode. Loads with `weights_only=True` and checks digests."""
+    source = model_file(path)
+    return model_from_state(load_checkpoint(source, map_location), source)

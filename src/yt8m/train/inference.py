@@ -8,7 +8,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -97,20 +97,27 @@ def evaluate(model: nn.Module, data, num_classes: int, device: torch.device, top
     `model` on the records of `data`; warns when some videos have no labels, and when there are no
     videos at all (the scores are then NaN). `options`: those of `predict_batches` (batch_size,
     max_frames, precision, num_workers, on_error, progress)."""
+    return score_batches(predict_batches(model, data, num_classes, device, desc="evaluate", **options), num_classes,
+                         top_k)
+
+
+def score_batches(batches: Iterable[tuple[list[str], torch.Tensor, torch.Tensor]], num_classes: int,
+                  top_k: int = 20) -> dict:
+    """The metrics of `evaluate` over (ids, probabilities [B, C], labels [B, C]) batches of any predictor."""
     evaluator = Evaluator(num_classes, top_k=top_k)
     num_videos = num_labeled = 0
-    for _, probabilities, labels in predict_batches(model, data, num_classes, device, desc="evaluate", **options):
+    for _, probabilities, labels in batches:
         evaluator.update(probabilities, labels)
         num_videos += len(labels)
         num_labeled += int(labels.any(dim=1).sum())
     if num_videos == 0:  # empty shards, or every record skipped as corrupt
-        warnings.warn("no video to score: the data is empty or every record was skipped", stacklevel=2)
+        warnings.warn("no video to score: the data is empty or every record was skipped", stacklevel=3)
         return {"gap": math.nan, "map": math.nan, "hit_at_one": math.nan, "perr": math.nan, "num_videos": 0,
                 "num_labeled": 0}
     scores = {**evaluator.compute(), "num_labeled": num_labeled}
     if num_labeled < num_videos:
         warnings.warn(f"only {num_labeled} of {num_videos} videos have labels: the scores count every "
-                      "class predicted for the others as wrong (unlabeled test data?)", stacklevel=2)
+                      "class predicted for the others as wrong (unlabeled test data?)", stacklevel=3)
     return scores
 
 
@@ -157,10 +164,19 @@ def write_submission(model: nn.Module, data, output: str | Path, num_classes: in
     existing `output` only with `overwrite`. Written to a temporary file unique to this call, renamed
     at the end, removed on failure. `options`: those of `predict_batches`.
     """
+    inputs = expand_paths(data)
+    return write_submission_rows(lambda: predict_batches(model, inputs, num_classes, device, **options), output,
+                                 num_classes, top_k, overwrite, protect, inputs)
+
+
+def write_submission_rows(batches: Callable[[], Iterable[tuple[list[str], torch.Tensor, object]]],
+                          output: str | Path, num_classes: int, top_k: int = 20, overwrite: bool = False,
+                          protect: Iterable[str | Path] = (), inputs: Iterable[str | Path] = ()) -> int:
+    """`write_submission` of the (ids, probabilities [B, C], ...) batches that `batches()` yields, called
+    once the output is checked; never writes over an input file or anything in `protect`."""
     if top_k < 1:
         raise ValueError(f"top_k: expected a positive int, found {top_k}")
     output = Path(output)
-    inputs = expand_paths(data)
     check_output(output, inputs, protect, overwrite)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +189,7 @@ def write_submission(model: nn.Module, data, output: str | Path, num_classes: in
         with open(tmp, "x", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["VideoId", "LabelConfidencePairs"])
-            for ids, probabilities, _ in predict_batches(model, inputs, num_classes, device, **options):
+            for ids, probabilities, _ in batches():
                 scores, classes = torch.topk(probabilities, min(top_k, num_classes), dim=1)
                 for video_id, row_classes, row_scores in zip(ids, classes.numpy(), scores.numpy()):
                     writer.writerow([video_id, " ".join(f"{c} {s:.6f}" for c, s in zip(row_classes, row_scores))])
@@ -199,4 +215,4 @@ def read_submission(path: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 __all__ = ["autocast", "check_output", "evaluate", "predict_batches", "read_submission", "resolve_device",
-           "write_submission"]
+           "score_batches", "write_submission", "write_submission_rows"]

@@ -1,0 +1,292 @@
+"""Ensembles are runs: `fit_ensemble` fits a method on a labelled holdout and writes a directory that
+`load_predictor` reads back as a predictor like any run.
+
+ENS_DIR holds `ensemble.yaml` (the method and its options, the members, the holdout, the member weights,
+the holdout scores of every member and of the ensemble) and `combiner.pt` (the fitted parameters, with its
+SHA-256 beside it, loaded with `weights_only=True`). Fitting and applying read the members' prediction
+stores (cached in each run, see `RunPredictor.scores`), never the models' inputs in bulk: only the
+holdout's labels and, for `attention`, its mean input features are read from its records.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from yt8m.data import expand_paths
+from yt8m.ensemble.methods import HoldoutBatch, build_combiner, fit, member_weights, method_options
+from yt8m.ensemble.predictor import (ENSEMBLE_FILE, SCORES_DIR, joined, load_predictor, read_data, run_of,
+                                     source_kind)
+from yt8m.ensemble.store import DEFAULT_TOP_K, HEADER, ScoreStore, StoreWriter, _NpyAppender, data_digest
+from yt8m.metrics import Evaluator
+
+COMBINER_FILE = "combiner.pt"
+FORMAT = "yt8m-ensemble"
+FEATURE_DIM = 1152  # mean rgb (1024) and audio (128)
+
+
+class StoreHoldout:
+    """A labelled holdout read from the members' stores (memory-mapped) and one pass over its records, which
+    keeps its labels (as class lists) and, when asked, its mean input features in `workdir`."""
+
+    def __init__(self, stores: list[ScoreStore], files: list[str], num_classes: int, features: bool,
+                 workdir: Path, progress: bool = True):
+        self.stores = stores
+        self.num_members, self.num_classes = len(stores), num_classes
+        self.feature_dim = FEATURE_DIM if features else None
+        rows: list[list[np.ndarray]] = [[] for _ in stores]
+        label_counts, label_classes, ids = [], [], []
+        mean_writer = _NpyAppender(workdir / "features.npy", np.float16, (FEATURE_DIM,)) if features else None
+        for batch_ids, labels, mean in read_data(files, num_classes, features):
+            for member, store in enumerate(stores):
+                rows[member].append(store.rows_of(batch_ids))
+            nonzero = labels.nonzero()  # [P, 2], row-major: video, class
+            label_counts.append(torch.bincount(nonzero[:, 0], minlength=len(batch_ids)).numpy())
+            label_classes.append(nonzero[:, 1].numpy().astype(np.int32))
+            ids.extend(batch_ids)
+            if mean_writer:
+                mean_writer.append(mean.numpy())
+        self.ids = ids
+        self.num_videos = len(ids)
+        self.rows = [np.concatenate(r) if r else np.zeros(0, np.int64) for r in rows]
+        counts = np.concatenate(label_counts) if label_counts else np.zeros(0, np.int64)
+        self.label_start = np.concatenate([[0], np.cumsum(counts)])
+        self.label_classes = np.concatenate(label_classes) if label_classes else np.zeros(0, np.int32)
+        self.features = None
+        if mean_writer:
+            mean_writer.close()
+            self.features = np.load(workdir / "features.npy", mmap_mode="r")
+
+    def labels(self, index: np.ndarray) -> torch.Tensor:
+        """Dense labels [len(index), C] of the holdout videos at `index`."""
+        out = torch.zeros(len(index), self.num_classes)
+        starts, stops = self.label_start[index], self.label_start[index + 1]
+        video = np.repeat(np.arange(len(index)), stops - starts)
+        classes = self.label_classes[np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])] \
+            if len(video) else np.zeros(0, np.int64)
+        out[torch.from_numpy(video), torch.from_numpy(classes.astype(np.int64))] = 1.0
+        return out
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[HoldoutBatch]:
+        order = np.random.default_rng(seed).permutation(self.num_videos) if shuffle else np.arange(self.num_videos)
+        for start in range(0, self.num_videos, batch_size):
+            index = np.sort(order[start:start + batch_size])  # sorted: the stores' rows read in order
+            probs = torch.stack([store.dense(rows[index]) for store, rows in zip(self.stores, self.rows)], dim=1)
+            features = torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)) \
+                if self.features is not None else None
+            yield HoldoutBatch(probs=probs, labels=self.labels(index), features=features)
+
+
+def _member_record(path: str, output: Path) -> dict:
+    absolute = Path(path).resolve()
+    try:
+        relative = os.path.relpath(absolute, output.resolve())
+    except ValueError:  # another drive
+        relative = None
+    return {"path": str(absolute), "relative": relative, "kind": source_kind(path)}
+
+
+def member_path(record: dict, ensemble_dir: Path) -> Path:
+    """A member's path: relative to the ensemble directory when it is there (the tree moved whole), else
+    the absolute path recorded."""
+    if record.get("relative"):
+        relative = (ensemble_dir / record["relative"])
+        if relative.exists():
+            return relative
+    return Path(record["path"])
+
+
+def training_files(source: Path) -> list[str]:
+    """The training data files of the runs behind `source` (a run, a store written from a run, or an
+    ensemble: every member's); [] where they are unknown or gone."""
+    from yt8m.train import load_yaml
+    from yt8m.train.loop import config_path
+
+    kind = source_kind(source)
+    if kind == "store":
+        origin = ScoreStore(source).source
+        if origin.get("kind") in ("run", "ensemble") and Path(origin.get("path", "")).exists():
+            return training_files(Path(origin["path"]))
+        return []
+    if kind == "ensemble":
+        config = yaml.safe_load((source / ENSEMBLE_FILE).read_text())
+        return sorted({f for m in config["members"] for f in training_files(member_path(m, source))})
+    config = config_path(run_of(source))
+    if not config.is_file():
+        return []
+    patterns = load_yaml(config).get("train_data") or []
+    try:
+        return expand_paths(patterns)
+    except FileNotFoundError:
+        return []
+
+
+def check_overlap(members: list[str], holdout_files: list[str], progress: bool = True) -> None:
+    """Refuses a holdout whose videos a member trained on: by file first, then by video id."""
+    from yt8m.data.split import video_ids
+
+    holdout_real = {os.path.realpath(f) for f in holdout_files}
+    holdout_ids = None
+    for member in members:
+        train = training_files(Path(member))
+        if not train:
+            continue
+        shared = sorted(holdout_real & {os.path.realpath(f) for f in train})
+        if shared:
+            raise ValueError(f"refusing the holdout: {len(shared)} of its files are training data of member {member} "
+                             f"({shared[0]}{', ...' if len(shared) > 1 else ''}); fit on data the members did not "
+                             "train on (`yt8m split` carves a labelled set into disjoint parts)")
+        if holdout_ids is None:
+            holdout_ids = video_ids(holdout_files)
+        overlap = np.intersect1d(holdout_ids, video_ids(train))
+        if len(overlap):
+            shown = ", ".join(i.decode() for i in overlap[:5])
+            raise ValueError(f"refusing the holdout: {len(overlap)} of its {len(holdout_ids)} videos are in the "
+                             f"training data of member {member} ({shown}{', ...' if len(overlap) > 5 else ''}); fit "
+                             "on videos the members did not train on (`yt8m split` carves disjoint parts)")
+
+
+def _prepare_output(output: Path, members: list[str], overwrite: bool) -> None:
+    for member in members:
+        real = Path(os.path.realpath(member))
+        if Path(os.path.realpath(output)) == real or real in Path(os.path.realpath(output)).parents:
+            raise ValueError(f"refusing to write the ensemble into {output}: it is inside member {member}")
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{output} already exists and is not empty; pass --overwrite to replace the "
+                                  "ensemble in it")
+        if not (output / ENSEMBLE_FILE).is_file():
+            raise FileExistsError(f"{output} is not empty and holds no ensemble: refusing to write into it even "
+                                  "with --overwrite")
+        for name in (ENSEMBLE_FILE, COMBINER_FILE, COMBINER_FILE + ".sha256"):
+            (output / name).unlink(missing_ok=True)
+        shutil.rmtree(output / SCORES_DIR, ignore_errors=True)  # stores of the replaced ensemble
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def _holdout_scores(holdout: StoreHoldout, combiner, top_k: int = 20) -> dict:
+    evaluators = [Evaluator(holdout.num_classes, top_k) for _ in range(holdout.num_members + 1)]
+    with torch.inference_mode():
+        for batch in holdout.batches(1024):
+            for member, evaluator in enumerate(evaluators[:-1]):
+                evaluator.update(batch.probs[:, member], batch.labels)
+            evaluators[-1].update(combiner(batch.probs, batch.features), batch.labels)
+    return [{key: float(value) if key != "num_videos" else value for key, value in e.compute().items()}
+            for e in evaluators]
+
+
+def fit_ensemble(method: str, members: list[str], holdout: list[str], output: str | os.PathLike,
+                 options: dict | None = None, top_k: int | None = DEFAULT_TOP_K, device: str = "auto",
+                 batch_size: int = 256, overwrite: bool = False, progress: bool = True) -> dict:
+    """Fits `method` on the labelled `holdout` files with the predictions of `members` (runs, stores or
+    ensembles) and writes the ensemble directory `output`; returns what ensemble.yaml records."""
+    from yt8m.train.checkpoint import atomic_save, atomic_write_text
+
+    output = Path(output)
+    options = method_options(method, options)
+    if not members:
+        raise ValueError("an ensemble needs at least one member (--members)")
+    if len({os.path.realpath(m) for m in members}) < len(members):
+        raise ValueError("a member is named twice in --members")
+    files = expand_paths(holdout)
+    for member in members:
+        source_kind(member)  # a clear error for a path that is nothing
+    _prepare_output(output, members, overwrite)
+    check_overlap(members, files, progress)
+    predictors = [load_predictor(m, device=device, batch_size=batch_size) for m in members]
+    num_classes = {p.num_classes for p in predictors}
+    if len(num_classes) > 1:
+        raise ValueError("the members predict different numbers of classes: " +
+                         ", ".join(f"{m} {p.num_classes}" for m, p in zip(members, predictors)))
+    num_classes = num_classes.pop()
+    start = time.perf_counter()
+    stores = [p.scores(files, top_k=top_k, progress=progress) for p in predictors]
+    stores_seconds = time.perf_counter() - start
+    needs_features = build_combiner(method, len(members), num_classes, FEATURE_DIM, options).needs_features
+    with tempfile.TemporaryDirectory(prefix=".holdout-", dir=output) as workdir:
+        data = StoreHoldout(stores, files, num_classes, needs_features, Path(workdir), progress)
+        if data.num_videos == 0:
+            raise ValueError(f"the holdout ({len(files)} files) holds no video")
+        start = time.perf_counter()
+        combiner = fit(method, data, options, progress=progress)
+        fit_seconds = time.perf_counter() - start
+        scores = _holdout_scores(data, combiner)
+        num_videos = data.num_videos
+        del data
+    weights = member_weights(combiner).tolist()
+    record = {
+        "format": FORMAT, "version": 1, "method": method, "options": options, "num_classes": num_classes,
+        "top_k": top_k, "feature_dim": FEATURE_DIM if needs_features else None,
+        "members": [_member_record(m, output) for m in members],
+        "member_weights": [None if np.isnan(w) else round(w, 6) for w in weights],
+        "holdout": {"files": [os.path.realpath(f) for f in files], "digest": data_digest(files),
+                    "num_videos": num_videos},
+        "holdout_scores": {"members": {m: s for m, s in zip(members, scores[:-1])}, "ensemble": scores[-1]},
+        "seconds": {"member_stores": round(stores_seconds, 3), "fit": round(fit_seconds, 3)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_save({"method": method, "options": options, "state": combiner.state_dict()}, output / COMBINER_FILE)
+    atomic_write_text(output / ENSEMBLE_FILE, yaml.safe_dump(record, sort_keys=False))
+    return record
+
+
+class EnsemblePredictor:
+    """An ensemble directory as a predictor: its members' stores on the data, combined."""
+
+    kind = "ensemble"
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256):
+        from yt8m.train.checkpoint import CheckpointError, load_file
+
+        self.path = Path(path)
+        self.config = yaml.safe_load((self.path / ENSEMBLE_FILE).read_text())
+        if not isinstance(self.config, dict) or self.config.get("format") != FORMAT:
+            raise ValueError(f"{self.path / ENSEMBLE_FILE}: not a yt8m ensemble (format {FORMAT!r} expected)")
+        self.num_classes = int(self.config["num_classes"])
+        self.top_k = self.config["top_k"]
+        saved = load_file(self.path / COMBINER_FILE, require_digest=True)
+        if not isinstance(saved, dict) or not {"method", "options", "state"} <= saved.keys():
+            raise CheckpointError(self.path / COMBINER_FILE, "not an ensemble's combiner (method, options, state)")
+        self.combiner = build_combiner(saved["method"], len(self.config["members"]), self.num_classes,
+                                       self.config.get("feature_dim"), saved["options"])
+        self.combiner.load_state_dict(saved["state"])
+        self.combiner.eval()
+        self.members = [load_predictor(member_path(m, self.path), device=device, batch_size=batch_size)
+                        for m in self.config["members"]]
+
+    def predict(self, files: list[str], batch_size: int = 1024, progress: bool = True,
+                on_error: str = "raise") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        stores = [member.scores(files, top_k=self.top_k, progress=progress) for member in self.members]
+        with torch.inference_mode():
+            for ids, probs, labels, features in joined(stores, files, self.num_classes, self.combiner.needs_features,
+                                                       batch_size, on_error):
+                yield ids, self.combiner(probs, features), labels
+
+    def identity(self) -> dict:
+        from yt8m.train.checkpoint import recorded_digest
+
+        return {"kind": "ensemble", "path": str(self.path.resolve()), "method": self.config["method"],
+                "model_digest": recorded_digest(self.path / COMBINER_FILE)}
+
+    def scores(self, files: list[str], top_k: int | None = DEFAULT_TOP_K, progress: bool = True) -> ScoreStore:
+        """The ensemble's store of `files`, cached in ENS_DIR/scores/ as a run caches its own."""
+        identity = self.identity()
+        digest = data_digest(files)
+        cached = self.path / SCORES_DIR / f"{digest[:16]}-{identity['model_digest'][:12]}-top{top_k or 'all'}"
+        if (cached / HEADER).is_file():
+            return ScoreStore(cached)
+        data = {"files": [os.path.realpath(f) for f in files], "digest": digest}
+        with StoreWriter(cached, self.num_classes, top_k, source=identity, data=data) as writer:
+            for ids, probabilities, _ in self.predict(files, progress=progress):
+                writer.add(ids, probabilities)
+        return ScoreStore(cached)
