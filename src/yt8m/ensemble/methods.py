@@ -448,7 +448,11 @@ def _ap_weights(holdout: Holdout, options: dict, progress: bool) -> torch.Tensor
     dividing by the p-norm. With l2 and l3 a class's weights do not sum to 1 but to between 1 and
     M ** (1 - 1/p), more where the members' APs are alike: this scales classes relative to each
     other, which matters to GAP, as it pools the classes. Classes without positives in the
-    holdout, or where every member's AP is 0, take the weights equal APs would give, M ** (-1/p).
+    holdout, or where every member's AP is 0, say nothing about the members: they take the mean of
+    the other classes' weights (equal APs' weights, M ** (-1/p), when no class has any). Equal APs'
+    weights there would give those classes, rare ones, the largest sum a class can get, and rank
+    them above the classes the holdout did see: on a 620-video holdout of 100 classes this took the
+    fused GAP below every member's.
     """
     num_members = holdout.num_members
     with _progress(num_members, holdout.num_videos, "fit ap_weighted", "member", progress) as bar:
@@ -457,8 +461,12 @@ def _ap_weights(holdout: Holdout, options: dict, progress: bool) -> torch.Tensor
     aps = torch.stack(aps)  # [M, C] float64, NaN for classes without positives
     p = NORMS[options["norm"]]
     norms = torch.linalg.vector_norm(aps, ord=p, dim=0)  # [C], NaN for classes without positives
-    equal = torch.tensor(num_members ** (-1 / p), dtype=torch.float64)
-    return torch.where(norms > 0, aps / norms, equal).float()
+    known = norms > 0  # [C]; NaN compares False
+    weights = torch.full_like(aps, num_members ** (-1 / p))
+    weights[:, known] = aps[:, known] / norms[known]
+    if known.any():
+        weights[:, ~known] = weights[:, known].mean(1, keepdim=True)
+    return weights.float()
 
 
 __all__ = [
