@@ -43,19 +43,19 @@ class StoreHoldout:
         self.num_members, self.num_classes = len(stores), num_classes
         self.feature_dim = FEATURE_DIM if features else None
         rows: list[list[np.ndarray]] = [[] for _ in stores]
-        label_counts, label_classes, ids = [], [], []
+        label_counts, label_classes, num_videos = [], [], 0
         mean_writer = _NpyAppender(workdir / "features.npy", np.float16, (FEATURE_DIM,)) if features else None
-        for batch_ids, labels, mean in read_data(files, num_classes, features):
+        for batch_ids, labels, mean in read_data(files, num_classes, features, progress=progress,
+                                                 desc="read the holdout"):
             for member, store in enumerate(stores):
                 rows[member].append(store.rows_of(batch_ids))
             nonzero = labels.nonzero()  # [P, 2], row-major: video, class
             label_counts.append(torch.bincount(nonzero[:, 0], minlength=len(batch_ids)).numpy())
             label_classes.append(nonzero[:, 1].numpy().astype(np.int32))
-            ids.extend(batch_ids)
+            num_videos += len(batch_ids)
             if mean_writer:
                 mean_writer.append(mean.numpy())
-        self.ids = ids
-        self.num_videos = len(ids)
+        self.num_videos = num_videos
         self.rows = [np.concatenate(r) if r else np.zeros(0, np.int64) for r in rows]
         counts = np.concatenate(label_counts) if label_counts else np.zeros(0, np.int64)
         self.label_start = np.concatenate([[0], np.cumsum(counts)])
@@ -67,12 +67,12 @@ class StoreHoldout:
 
     def labels(self, index: np.ndarray) -> torch.Tensor:
         """Dense labels [len(index), C] of the holdout videos at `index`."""
+        starts, counts = self.label_start[index], np.diff(self.label_start)[index]
+        video = np.repeat(np.arange(len(index)), counts)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # 0.. per video
         out = torch.zeros(len(index), self.num_classes)
-        starts, stops = self.label_start[index], self.label_start[index + 1]
-        video = np.repeat(np.arange(len(index)), stops - starts)
-        classes = self.label_classes[np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])] \
-            if len(video) else np.zeros(0, np.int64)
-        out[torch.from_numpy(video), torch.from_numpy(classes.astype(np.int64))] = 1.0
+        out[torch.from_numpy(video), torch.from_numpy(self.label_classes[np.repeat(starts, counts) + within]
+                                                      .astype(np.int64))] = 1.0
         return out
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[HoldoutBatch]:
@@ -104,57 +104,81 @@ def member_path(record: dict, ensemble_dir: Path) -> Path:
     return Path(record["path"])
 
 
-def training_files(source: Path) -> list[str]:
-    """The training data files of the runs behind `source` (a run, a store written from a run, or an
-    ensemble: every member's); [] where they are unknown or gone."""
-    from yt8m.train import load_yaml
+def training_runs(source: Path) -> list[Path]:
+    """The run directories behind `source`: a run, the run a store was written from, or every member's
+    runs of an ensemble; [] where unknown (a store of unknown origin, a model file outside a run)."""
     from yt8m.train.loop import config_path
 
     kind = source_kind(source)
     if kind == "store":
         origin = ScoreStore(source).source
-        if origin.get("kind") in ("run", "ensemble") and Path(origin.get("path", "")).exists():
-            return training_files(Path(origin["path"]))
-        return []
+        path = Path(origin.get("path", ""))
+        return training_runs(path) if origin.get("kind") in ("run", "ensemble") and path.exists() else []
     if kind == "ensemble":
         config = yaml.safe_load((source / ENSEMBLE_FILE).read_text())
-        return sorted({f for m in config["members"] for f in training_files(member_path(m, source))})
-    config = config_path(run_of(source))
-    if not config.is_file():
-        return []
-    patterns = load_yaml(config).get("train_data") or []
+        return [run for m in config["members"] for run in training_runs(member_path(m, source))]
+    run = run_of(source)
+    return [run] if config_path(run).is_file() else []
+
+
+def training_files(run: Path) -> list[str]:
+    """The training data files that `run`'s config.yaml names; [] where they are gone."""
+    from yt8m.train import load_yaml
+    from yt8m.train.loop import config_path
+
     try:
-        return expand_paths(patterns)
+        return expand_paths(load_yaml(config_path(run)).get("train_data") or [])
     except FileNotFoundError:
         return []
 
 
-def check_overlap(members: list[str], holdout_files: list[str], progress: bool = True) -> None:
+def training_ids(run: Path, files: list[str]) -> np.ndarray:
+    """The video ids of `run`'s training files, read once (ids only, without the CRC pass over the frames)
+    and cached in RUN/scores/ by the files' digest."""
+    from yt8m.data.split import video_ids
+
+    cached = run / SCORES_DIR / f"train-ids-{data_digest(files)[:16]}.npy"
+    if cached.is_file():
+        return np.load(cached, allow_pickle=False)
+    ids = np.unique(video_ids(files, check_crc=False))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, ids, allow_pickle=False)
+    os.replace(tmp, cached)
+    return ids
+
+
+def check_overlap(members: list[str], holdout_files: list[str]) -> None:
     """Refuses a holdout whose videos a member trained on: by file first, then by video id."""
     from yt8m.data.split import video_ids
 
     holdout_real = {os.path.realpath(f) for f in holdout_files}
     holdout_ids = None
     for member in members:
-        train = training_files(Path(member))
-        if not train:
-            continue
-        shared = sorted(holdout_real & {os.path.realpath(f) for f in train})
-        if shared:
-            raise ValueError(f"refusing the holdout: {len(shared)} of its files are training data of member {member} "
-                             f"({shared[0]}{', ...' if len(shared) > 1 else ''}); fit on data the members did not "
-                             "train on (`yt8m split` carves a labelled set into disjoint parts)")
-        if holdout_ids is None:
-            holdout_ids = video_ids(holdout_files)
-        overlap = np.intersect1d(holdout_ids, video_ids(train))
-        if len(overlap):
-            shown = ", ".join(i.decode() for i in overlap[:5])
-            raise ValueError(f"refusing the holdout: {len(overlap)} of its {len(holdout_ids)} videos are in the "
-                             f"training data of member {member} ({shown}{', ...' if len(overlap) > 5 else ''}); fit "
-                             "on videos the members did not train on (`yt8m split` carves disjoint parts)")
+        for run in training_runs(Path(member)):
+            train = training_files(run)
+            if not train:
+                continue
+            shared = sorted(holdout_real & {os.path.realpath(f) for f in train})
+            if shared:
+                raise ValueError(f"refusing the holdout: {len(shared)} of its files are training data of member "
+                                 f"{member} ({shared[0]}{', ...' if len(shared) > 1 else ''}); fit on data the "
+                                 "members did not train on (`yt8m split` carves a labelled set into disjoint parts)")
+            if holdout_ids is None:
+                holdout_ids = np.unique(video_ids(holdout_files))
+            overlap = np.intersect1d(holdout_ids, training_ids(run, train), assume_unique=True)
+            if len(overlap):
+                shown = ", ".join(i.decode() for i in overlap[:5])
+                raise ValueError(f"refusing the holdout: {len(overlap)} of its {len(holdout_ids)} videos are in "
+                                 f"the training data of member {member} ({shown}"
+                                 f"{', ...' if len(overlap) > 5 else ''}); fit on videos the members did not "
+                                 "train on (`yt8m split` carves disjoint parts)")
 
 
-def _prepare_output(output: Path, members: list[str], overwrite: bool) -> None:
+def _check_output(output: Path, members: list[str], overwrite: bool) -> None:
+    """Refuses an output inside a member, a file, or a non-empty directory (without `overwrite`, or holding
+    anything but an ensemble)."""
     for member in members:
         real = Path(os.path.realpath(member))
         if Path(os.path.realpath(output)) == real or real in Path(os.path.realpath(output)).parents:
@@ -168,9 +192,13 @@ def _prepare_output(output: Path, members: list[str], overwrite: bool) -> None:
         if not (output / ENSEMBLE_FILE).is_file():
             raise FileExistsError(f"{output} is not empty and holds no ensemble: refusing to write into it even "
                                   "with --overwrite")
-        for name in (ENSEMBLE_FILE, COMBINER_FILE, COMBINER_FILE + ".sha256"):
-            (output / name).unlink(missing_ok=True)
-        shutil.rmtree(output / SCORES_DIR, ignore_errors=True)  # stores of the replaced ensemble
+
+
+def _prepare_output(output: Path) -> None:
+    """Removes the ensemble that `output` holds (its files and its cached stores), or makes the directory."""
+    for name in (ENSEMBLE_FILE, COMBINER_FILE, COMBINER_FILE + ".sha256"):
+        (output / name).unlink(missing_ok=True)
+    shutil.rmtree(output / SCORES_DIR, ignore_errors=True)  # stores of the replaced ensemble
     output.mkdir(parents=True, exist_ok=True)
 
 
@@ -201,8 +229,8 @@ def fit_ensemble(method: str, members: list[str], holdout: list[str], output: st
     files = expand_paths(holdout)
     for member in members:
         source_kind(member)  # a clear error for a path that is nothing
-    _prepare_output(output, members, overwrite)
-    check_overlap(members, files, progress)
+    _check_output(output, members, overwrite)
+    check_overlap(members, files)
     predictors = [load_predictor(m, device=device, batch_size=batch_size) for m in members]
     num_classes = {p.num_classes for p in predictors}
     if len(num_classes) > 1:
@@ -213,6 +241,7 @@ def fit_ensemble(method: str, members: list[str], holdout: list[str], output: st
     stores = [p.scores(files, top_k=top_k, progress=progress) for p in predictors]
     stores_seconds = time.perf_counter() - start
     needs_features = build_combiner(method, len(members), num_classes, FEATURE_DIM, options).needs_features
+    _prepare_output(output)
     with tempfile.TemporaryDirectory(prefix=".holdout-", dir=output) as workdir:
         data = StoreHoldout(stores, files, num_classes, needs_features, Path(workdir), progress)
         if data.num_videos == 0:
@@ -269,7 +298,7 @@ class EnsemblePredictor:
         stores = [member.scores(files, top_k=self.top_k, progress=progress) for member in self.members]
         with torch.inference_mode():
             for ids, probs, labels, features in joined(stores, files, self.num_classes, self.combiner.needs_features,
-                                                       batch_size, on_error):
+                                                       batch_size, on_error, progress):
                 yield ids, self.combiner(probs, features), labels
 
     def identity(self) -> dict:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from yt8m.data import decode_record, make_loader, prepare_batch
 from yt8m.data.tfrecord import read_records
@@ -41,14 +42,18 @@ def data_level(files: list[str]) -> str:
 
 
 def read_data(files: list[str], num_classes: int, features: bool = False, batch_size: int = 1024,
-              on_error: str = "raise") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
+              on_error: str = "raise", progress: bool = False,
+              desc: str = "read labels") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
     """(ids, labels [B, C], mean input features [B, 1152] or None) over the records of `files` in their
     order. The features are each video's mean dequantized rgb and audio: its `mean_rgb`/`mean_audio`
     at the video level, the mean of its frames at the frame level."""
     level = data_level(files)
     loader = make_loader(files, level=level, batch_size=batch_size, num_classes=num_classes, on_error=on_error,
                          rank=0, world_size=1)
-    for batch in loader:
+    from yt8m.train.inference import progress_total
+
+    for batch in tqdm(loader, total=progress_total(loader) if progress else None, desc=desc, unit="batch",
+                      disable=not progress, leave=False):
         mean = None
         if features:
             ready = prepare_batch(batch, "cpu")
@@ -59,14 +64,14 @@ def read_data(files: list[str], num_classes: int, features: bool = False, batch_
 
 
 def joined(stores: list[ScoreStore], files: list[str], num_classes: int, features: bool = False,
-           batch_size: int = 1024, on_error: str = "raise") -> Iterator[tuple[list[str], torch.Tensor,
+           batch_size: int = 1024, on_error: str = "raise", progress: bool = False) -> Iterator[tuple[list[str], torch.Tensor,
                                                                               torch.Tensor, torch.Tensor | None]]:
     """(ids, member probabilities [B, M, C], labels [B, C], features or None) over the videos of `files`,
     each store's rows found by video id. A video of the data missing from a store is a ValueError."""
     for store in stores:
         if store.num_classes != num_classes:
             raise ValueError(f"{store.path} has {store.num_classes} classes, expected {num_classes}")
-    for ids, labels, mean in read_data(files, num_classes, features, batch_size, on_error):
+    for ids, labels, mean in read_data(files, num_classes, features, batch_size, on_error, progress, "join"):
         probabilities = torch.stack([store.dense(store.rows_of(ids)) for store in stores], dim=1)
         yield ids, probabilities, labels, mean
 
@@ -84,7 +89,7 @@ class StorePredictor:
     def predict(self, files: list[str], batch_size: int = 1024, progress: bool = True,
                 on_error: str = "raise") -> Iterator[Batch]:
         for ids, probabilities, labels, _ in joined([self.store], files, self.num_classes, batch_size=batch_size,
-                                                     on_error=on_error):
+                                                     on_error=on_error, progress=progress):
             yield ids, probabilities[:, 0], labels
 
     def scores(self, files: list[str], top_k: int | None = DEFAULT_TOP_K, progress: bool = True) -> ScoreStore:
