@@ -315,8 +315,13 @@ def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None
 
     from yt8m.train.inference import score_batches
 
+    from yt8m.ensemble.predictor import source_kind
+
     if (run is None) == (store is None):
         raise click.UsageError("give either RUN or --scores STORE")
+    if store is not None and store.exists() and source_kind(store) != "store":
+        raise click.BadParameter(f"{store} is not a prediction store (a folder with header.json, as `predict "
+                                 "--scores` writes); give a run or an ensemble as RUN", param_hint="--scores")
     files = _resolve_data(_patterns(data), "--data")
     predictor = _load_predictor(run or store, device, batch_size)
     scores = _data_errors(lambda: score_batches(predictor.predict(files, progress=not as_json),
@@ -359,9 +364,12 @@ SCORES_TOP_K_HELP = "Classes kept per video in a store: a positive integer, or a
 def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path | None, scores_top_k: str,
             overwrite: bool, top_k: int, batch_size: int, device: str) -> None:
     """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) of RUN (a run directory, a
-    checkpoint or model file, or an ensemble directory) for --data, and/or its prediction store (--scores)."""
+    checkpoint or model file, an ensemble directory or a prediction store) for --data, and/or its prediction
+    store (--scores). Both come from one pass over the data; a run's or an ensemble's store is cached in it."""
     from yt8m.ensemble import copy_store
-    from yt8m.train.inference import check_output, write_submission_rows
+    from yt8m.ensemble.predictor import cached_scores
+    from yt8m.ensemble.store import check_store_output
+    from yt8m.train.inference import SubmissionWriter, check_output
 
     if output is None and scores is None:
         raise click.UsageError("give --output FILE.csv, --scores STORE, or both")
@@ -369,19 +377,30 @@ def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path 
     files = _resolve_data(_patterns(data), "--data")
     protect = _protected(run)
     if scores is not None:
-        check_output(scores, files, protect, overwrite)
+        check_output(scores, files, protect, overwrite=True)  # the store's own rule follows
+        check_store_output(scores, overwrite)
     if output is not None:
         check_output(output, files, protect, overwrite)
+        if scores is not None and os.path.realpath(output) == os.path.realpath(scores):
+            raise click.BadParameter("--output and --scores name the same path", param_hint="--scores")
     predictor = _load_predictor(run, device, batch_size)
-    if scores is not None:
-        store = _data_errors(lambda: predictor.scores(files, top_k=k))
-        copy_store(store.path, scores, overwrite=overwrite)
-        click.echo(f"wrote the scores of {store.num_videos} videos to {scores} "
-                   f"({'all' if store.top_k is None else store.top_k} classes each)")
-    if output is not None:
-        count = _data_errors(lambda: write_submission_rows(lambda: predictor.predict(files), output,
-                                                           predictor.num_classes, top_k, overwrite, protect, files))
-        click.echo(f"wrote {count} videos to {output}")
+    submission = SubmissionWriter(output, predictor.num_classes, top_k, overwrite, protect, files) if output else None
+    try:
+        if scores is not None:
+            store = _data_errors(lambda: cached_scores(predictor, files, k, on_batch=submission and submission.add))
+            if submission is not None and submission.count == 0:  # the store was cached: the CSV takes a pass
+                _data_errors(lambda: [submission.add(*batch) for batch in predictor.predict(files)])
+            copy_store(store.path, scores, overwrite=overwrite)
+            click.echo(f"wrote the scores of {store.num_videos} videos to {scores} "
+                       f"({'all' if store.top_k is None else store.top_k} classes each)")
+        else:
+            _data_errors(lambda: [submission.add(*batch) for batch in predictor.predict(files)])
+    except BaseException:
+        if submission is not None:
+            submission.abort()
+        raise
+    if submission is not None:
+        click.echo(f"wrote {submission.close()} videos to {output}")
 
 
 @main.command()
@@ -415,13 +434,19 @@ def ensemble(method: str, members: tuple[str, ...], holdout: tuple[str, ...], ou
              overwrite: bool, quiet: bool) -> None:
     """Fit METHOD (mean, weighted, search, classwise, ap_weighted, attention) on --holdout to combine the
     --members, and write the ensemble directory --output, which eval and predict take as a run."""
-    from yt8m.ensemble import METHODS, fit_ensemble
+    from yt8m.ensemble import METHODS, fit_ensemble, method_options
 
     if method not in METHODS:
         raise click.BadParameter(f"expected one of {', '.join(METHODS)}, got {method!r}", param_hint="METHOD")
     given = {"norm": norm, "trials": trials, "epochs": epochs, "lr": lr, "num_mixtures": num_mixtures, "rank": rank,
              "seed": seed, "batch_size": fit_batch_size}
     options = {key: value for key, value in given.items() if value is not None}
+    try:
+        method_options(method, options)
+    except ValueError as error:  # in the flags' names
+        flags = {key: "--fit-batch-size" if key == "batch_size" else "--" + key.replace("_", "-") for key in given}
+        message = re.sub(r"'?\b(" + "|".join(flags) + r")\b'?", lambda m: flags[m.group(1)], str(error))
+        raise click.UsageError(message) from None
     names = [member for value in members for member in value.split(",") if member]
     files = _resolve_data(_patterns(holdout), "--holdout")
     start = time.perf_counter()

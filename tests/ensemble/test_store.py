@@ -16,6 +16,7 @@ def batches(probabilities: torch.Tensor, ids: list[str], size: int):
 def scores() -> tuple[list[str], torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     ids = [f"v{i:03d}" + "x" * (i % 7) for i in range(53)]  # ids of several lengths
+    ids[5], ids[6] = "a\rb", "é-ü"  # a carriage return and non-ASCII characters are ids like any
     return ids, torch.rand(53, 30, generator=generator)
 
 

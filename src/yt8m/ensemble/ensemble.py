@@ -11,9 +11,11 @@ holdout's labels and, for `attention`, its mean input features are read from its
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +25,9 @@ import yaml
 
 from yt8m.data import expand_paths
 from yt8m.ensemble.methods import HoldoutBatch, build_combiner, fit, member_weights, method_options
-from yt8m.ensemble.predictor import (ENSEMBLE_FILE, SCORES_DIR, joined, load_predictor, read_data, run_of,
-                                     source_kind)
-from yt8m.ensemble.store import DEFAULT_TOP_K, HEADER, ScoreStore, StoreWriter, _NpyAppender, data_digest
+from yt8m.ensemble.predictor import (ENSEMBLE_FILE, SCORES_DIR, digest_of, cached_scores, joined, load_predictor,
+                                     read_data, run_of, source_kind)
+from yt8m.ensemble.store import DEFAULT_TOP_K, NpyAppender, ScoreStore, data_digest
 from yt8m.metrics import Evaluator
 
 COMBINER_FILE = "combiner.pt"
@@ -44,7 +46,7 @@ class StoreHoldout:
         self.feature_dim = FEATURE_DIM if features else None
         rows: list[list[np.ndarray]] = [[] for _ in stores]
         label_counts, label_classes, num_videos = [], [], 0
-        mean_writer = _NpyAppender(workdir / "features.npy", np.float16, (FEATURE_DIM,)) if features else None
+        mean_writer = NpyAppender(workdir / "features.npy", np.float16, (FEATURE_DIM,)) if features else None
         for batch_ids, labels, mean in read_data(files, num_classes, features, progress=progress,
                                                  desc="read the holdout"):
             for member, store in enumerate(stores):
@@ -59,6 +61,7 @@ class StoreHoldout:
         self.rows = [np.concatenate(r) if r else np.zeros(0, np.int64) for r in rows]
         counts = np.concatenate(label_counts) if label_counts else np.zeros(0, np.int64)
         self.label_start = np.concatenate([[0], np.cumsum(counts)])
+        self.label_counts = counts
         self.label_classes = np.concatenate(label_classes) if label_classes else np.zeros(0, np.int32)
         self.features = None
         if mean_writer:
@@ -67,7 +70,7 @@ class StoreHoldout:
 
     def labels(self, index: np.ndarray) -> torch.Tensor:
         """Dense labels [len(index), C] of the holdout videos at `index`."""
-        starts, counts = self.label_start[index], np.diff(self.label_start)[index]
+        starts, counts = self.label_start[index], self.label_counts[index]
         video = np.repeat(np.arange(len(index)), counts)
         within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # 0.. per video
         out = torch.zeros(len(index), self.num_classes)
@@ -104,32 +107,45 @@ def member_path(record: dict, ensemble_dir: Path) -> Path:
     return Path(record["path"])
 
 
-def training_runs(source: Path) -> list[Path]:
-    """The run directories behind `source`: a run, the run a store was written from, or every member's
-    runs of an ensemble; [] where unknown (a store of unknown origin, a model file outside a run)."""
+def training_runs(source: Path) -> tuple[list[Path], list[str]]:
+    """(the run directories behind `source`: a run, the run a store was written from, or every member's runs
+    of an ensemble; why a part of it has no known training data)."""
     from yt8m.train.loop import config_path
 
     kind = source_kind(source)
     if kind == "store":
         origin = ScoreStore(source).source
         path = Path(origin.get("path", ""))
-        return training_runs(path) if origin.get("kind") in ("run", "ensemble") and path.exists() else []
+        if origin.get("kind") in ("run", "ensemble") and origin.get("path") and path.exists():
+            return training_runs(path)
+        return [], [f"store {source} was not written from a run that is still at its recorded path"]
     if kind == "ensemble":
-        config = yaml.safe_load((source / ENSEMBLE_FILE).read_text())
-        return [run for m in config["members"] for run in training_runs(member_path(m, source))]
+        runs, unknown = [], []
+        for member in _ensemble_config(source)["members"]:
+            found, why = training_runs(member_path(member, source))
+            runs.extend(found)
+            unknown.extend(why)
+        return runs, unknown
     run = run_of(source)
-    return [run] if config_path(run).is_file() else []
+    if config_path(run).is_file():
+        return [run], []
+    return [], [f"{source} is a model file outside a run"]
 
 
-def training_files(run: Path) -> list[str]:
-    """The training data files that `run`'s config.yaml names; [] where they are gone."""
+def training_files(run: Path) -> list[str] | None:
+    """The training data files of `run`: its train_files.txt (resolved when it trained), else the patterns of
+    its config.yaml as they expand from here; None where neither finds them."""
     from yt8m.train import load_yaml
-    from yt8m.train.loop import config_path
+    from yt8m.train.loop import TRAIN_FILES_FILE, config_path
 
+    listed = run / TRAIN_FILES_FILE
+    if listed.is_file():
+        files = listed.read_text().splitlines()
+        return files if all(os.path.exists(f) for f in files) else None
     try:
         return expand_paths(load_yaml(config_path(run)).get("train_data") or [])
     except FileNotFoundError:
-        return []
+        return None
 
 
 def training_ids(run: Path, files: list[str]) -> np.ndarray:
@@ -150,15 +166,18 @@ def training_ids(run: Path, files: list[str]) -> np.ndarray:
 
 
 def check_overlap(members: list[str], holdout_files: list[str]) -> None:
-    """Refuses a holdout whose videos a member trained on: by file first, then by video id."""
+    """Refuses a holdout whose videos a member trained on: by file first, then by video id. A member whose
+    training data cannot be found is named in a warning: its overlap is unchecked."""
     from yt8m.data.split import video_ids
 
     holdout_real = {os.path.realpath(f) for f in holdout_files}
     holdout_ids = None
     for member in members:
-        for run in training_runs(Path(member)):
+        runs, unknown = training_runs(Path(member))
+        for run in runs:
             train = training_files(run)
-            if not train:
+            if train is None:
+                unknown.append(f"the training files of run {run} are not found from here")
                 continue
             shared = sorted(holdout_real & {os.path.realpath(f) for f in train})
             if shared:
@@ -166,7 +185,7 @@ def check_overlap(members: list[str], holdout_files: list[str]) -> None:
                                  f"{member} ({shared[0]}{', ...' if len(shared) > 1 else ''}); fit on data the "
                                  "members did not train on (`yt8m split` carves a labelled set into disjoint parts)")
             if holdout_ids is None:
-                holdout_ids = np.unique(video_ids(holdout_files))
+                holdout_ids = np.unique(video_ids(holdout_files, check_crc=False))
             overlap = np.intersect1d(holdout_ids, training_ids(run, train), assume_unique=True)
             if len(overlap):
                 shown = ", ".join(i.decode() for i in overlap[:5])
@@ -174,6 +193,9 @@ def check_overlap(members: list[str], holdout_files: list[str]) -> None:
                                  f"the training data of member {member} ({shown}"
                                  f"{', ...' if len(overlap) > 5 else ''}); fit on videos the members did not "
                                  "train on (`yt8m split` carves disjoint parts)")
+        if unknown:
+            warnings.warn(f"cannot check that member {member} did not train on the holdout: {'; '.join(unknown)}",
+                          stacklevel=3)
 
 
 def _check_output(output: Path, members: list[str], overwrite: bool) -> None:
@@ -194,30 +216,49 @@ def _check_output(output: Path, members: list[str], overwrite: bool) -> None:
                                   "with --overwrite")
 
 
-def _prepare_output(output: Path) -> None:
-    """Removes the ensemble that `output` holds (its files and its cached stores), or makes the directory."""
-    for name in (ENSEMBLE_FILE, COMBINER_FILE, COMBINER_FILE + ".sha256"):
-        (output / name).unlink(missing_ok=True)
-    shutil.rmtree(output / SCORES_DIR, ignore_errors=True)  # stores of the replaced ensemble
-    output.mkdir(parents=True, exist_ok=True)
+def _publish(partial: Path, output: Path) -> None:
+    """Puts the finished ensemble `partial` in place of `output` (an earlier ensemble there, with its cached
+    stores, goes only now)."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(output, old)
+        os.rename(partial, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(partial, output)
 
 
-def _holdout_scores(holdout: StoreHoldout, combiner, top_k: int = 20) -> dict:
-    evaluators = [Evaluator(holdout.num_classes, top_k) for _ in range(holdout.num_members + 1)]
+MEMBERS_SCORED_PER_PASS = 16  # each member's Evaluator keeps O(videos x 20) entries: a pass scores this many
+
+
+def _holdout_scores(holdout: StoreHoldout, combiner, top_k: int = 20) -> list[dict]:
+    """The holdout scores of every member, then of the ensemble (the ensemble in the first pass over the
+    holdout, the members MEMBERS_SCORED_PER_PASS at a time)."""
+    def metrics(evaluator: Evaluator) -> dict:
+        return {key: float(value) if key != "num_videos" else value for key, value in evaluator.compute().items()}
+
+    found, ensemble = [], None
     with torch.inference_mode():
-        for batch in holdout.batches(1024):
-            for member, evaluator in enumerate(evaluators[:-1]):
-                evaluator.update(batch.probs[:, member], batch.labels)
-            evaluators[-1].update(combiner(batch.probs, batch.features), batch.labels)
-    return [{key: float(value) if key != "num_videos" else value for key, value in e.compute().items()}
-            for e in evaluators]
+        for first in range(0, holdout.num_members, MEMBERS_SCORED_PER_PASS):
+            chunk = range(first, min(first + MEMBERS_SCORED_PER_PASS, holdout.num_members))
+            evaluators = [Evaluator(holdout.num_classes, top_k) for _ in chunk]
+            combined = Evaluator(holdout.num_classes, top_k) if ensemble is None else None
+            for batch in holdout.batches(1024):
+                for member, evaluator in zip(chunk, evaluators):
+                    evaluator.update(batch.probs[:, member], batch.labels)
+                if combined is not None:
+                    combined.update(combiner(batch.probs, batch.features), batch.labels)
+            found.extend(metrics(e) for e in evaluators)
+            ensemble = ensemble or metrics(combined)
+    return [*found, ensemble]
 
 
 def fit_ensemble(method: str, members: list[str], holdout: list[str], output: str | os.PathLike,
                  options: dict | None = None, top_k: int | None = DEFAULT_TOP_K, device: str = "auto",
                  batch_size: int = 256, overwrite: bool = False, progress: bool = True) -> dict:
     """Fits `method` on the labelled `holdout` files with the predictions of `members` (runs, stores or
-    ensembles) and writes the ensemble directory `output`; returns what ensemble.yaml records."""
+    ensembles) and writes the ensemble directory `output` (built beside it, put in place when whole);
+    returns what ensemble.yaml records."""
     from yt8m.train.checkpoint import atomic_save, atomic_write_text
 
     output = Path(output)
@@ -241,32 +282,55 @@ def fit_ensemble(method: str, members: list[str], holdout: list[str], output: st
     stores = [p.scores(files, top_k=top_k, progress=progress) for p in predictors]
     stores_seconds = time.perf_counter() - start
     needs_features = build_combiner(method, len(members), num_classes, FEATURE_DIM, options).needs_features
-    _prepare_output(output)
-    with tempfile.TemporaryDirectory(prefix=".holdout-", dir=output) as workdir:
-        data = StoreHoldout(stores, files, num_classes, needs_features, Path(workdir), progress)
-        if data.num_videos == 0:
-            raise ValueError(f"the holdout ({len(files)} files) holds no video")
-        start = time.perf_counter()
-        combiner = fit(method, data, options, progress=progress)
-        fit_seconds = time.perf_counter() - start
-        scores = _holdout_scores(data, combiner)
-        num_videos = data.num_videos
-        del data
-    weights = member_weights(combiner).tolist()
-    record = {
-        "format": FORMAT, "version": 1, "method": method, "options": options, "num_classes": num_classes,
-        "top_k": top_k, "feature_dim": FEATURE_DIM if needs_features else None,
-        "members": [_member_record(m, output) for m in members],
-        "member_weights": [None if np.isnan(w) else round(w, 6) for w in weights],
-        "holdout": {"files": [os.path.realpath(f) for f in files], "digest": data_digest(files),
-                    "num_videos": num_videos},
-        "holdout_scores": {"members": {m: s for m, s in zip(members, scores[:-1])}, "ensemble": scores[-1]},
-        "seconds": {"member_stores": round(stores_seconds, 3), "fit": round(fit_seconds, 3)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_save({"method": method, "options": options, "state": combiner.state_dict()}, output / COMBINER_FILE)
-    atomic_write_text(output / ENSEMBLE_FILE, yaml.safe_dump(record, sort_keys=False))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    partial.mkdir()
+    try:
+        with tempfile.TemporaryDirectory(prefix=".holdout-", dir=partial) as workdir:
+            data = StoreHoldout(stores, files, num_classes, needs_features, Path(workdir), progress)
+            if data.num_videos == 0:
+                raise ValueError(f"the holdout ({len(files)} files) holds no video")
+            start = time.perf_counter()
+            combiner = fit(method, data, options, progress=progress)
+            fit_seconds = time.perf_counter() - start
+            scores = _holdout_scores(data, combiner)
+            num_videos = data.num_videos
+            del data
+        record = {
+            "format": FORMAT, "version": 1, "method": method, "options": options, "num_classes": num_classes,
+            "top_k": top_k, "feature_dim": FEATURE_DIM if needs_features else None,
+            "members": [_member_record(m, output) for m in members],
+            "member_weights": [round(w, 6) for w in member_weights(combiner).tolist()],
+            "holdout": {"files": [os.path.realpath(f) for f in files], "digest": data_digest(files),
+                        "num_videos": num_videos},
+            "holdout_scores": {"members": {m: s for m, s in zip(members, scores[:-1])}, "ensemble": scores[-1]},
+            "seconds": {"member_stores": round(stores_seconds, 3), "fit": round(fit_seconds, 3)},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_save({"method": method, "options": options, "state": combiner.state_dict()}, partial / COMBINER_FILE)
+        atomic_write_text(partial / ENSEMBLE_FILE, yaml.safe_dump(record, sort_keys=False))
+        _publish(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return record
+
+
+def _ensemble_config(path: Path) -> dict:
+    """ensemble.yaml of the ensemble directory `path`, checked."""
+    file = path / ENSEMBLE_FILE
+    try:
+        config = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{file}: not YAML ({error})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a yt8m ensemble (format {FORMAT!r} expected)")
+    members = config.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) and m.get("path")
+                                                              for m in members):
+        raise ValueError(f"{file}: 'members' must be a non-empty list of {{path: ...}}")
+    if not isinstance(config.get("num_classes"), int) or config["num_classes"] < 1:
+        raise ValueError(f"{file}: 'num_classes' must be a positive integer, found {config.get('num_classes')!r}")
+    return config
 
 
 class EnsemblePredictor:
@@ -275,23 +339,37 @@ class EnsemblePredictor:
     kind = "ensemble"
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256):
-        from yt8m.train.checkpoint import CheckpointError, load_file
+        from yt8m.train.checkpoint import CheckpointError, load_file, recorded_digest
 
         self.path = Path(path)
-        self.config = yaml.safe_load((self.path / ENSEMBLE_FILE).read_text())
-        if not isinstance(self.config, dict) or self.config.get("format") != FORMAT:
-            raise ValueError(f"{self.path / ENSEMBLE_FILE}: not a yt8m ensemble (format {FORMAT!r} expected)")
-        self.num_classes = int(self.config["num_classes"])
-        self.top_k = self.config["top_k"]
+        self.config = _ensemble_config(self.path)
+        self.num_classes = self.config["num_classes"]
+        self.top_k = self.config.get("top_k")
         saved = load_file(self.path / COMBINER_FILE, require_digest=True)
         if not isinstance(saved, dict) or not {"method", "options", "state"} <= saved.keys():
             raise CheckpointError(self.path / COMBINER_FILE, "not an ensemble's combiner (method, options, state)")
-        self.combiner = build_combiner(saved["method"], len(self.config["members"]), self.num_classes,
-                                       self.config.get("feature_dim"), saved["options"])
-        self.combiner.load_state_dict(saved["state"])
+        try:
+            self.combiner = build_combiner(saved["method"], len(self.config["members"]), self.num_classes,
+                                           self.config.get("feature_dim"), saved["options"])
+            self.combiner.load_state_dict(saved["state"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(self.path / COMBINER_FILE, f"does not fit {ENSEMBLE_FILE}: {error}") from None
         self.combiner.eval()
+        self.combiner_digest = recorded_digest(self.path / COMBINER_FILE)
         self.members = [load_predictor(member_path(m, self.path), device=device, batch_size=batch_size)
                         for m in self.config["members"]]
+        for member in self.members:
+            if member.num_classes != self.num_classes:
+                raise ValueError(f"member {member.path} of {self.path} predicts {member.num_classes} classes, the "
+                                 f"ensemble {self.num_classes}: was it replaced?")
+
+    def identity(self) -> dict:
+        """The combiner's digest and every member's: a retrained or replaced member changes it."""
+        return {"kind": "ensemble", "path": str(self.path.resolve()), "method": self.config["method"],
+                "digest": digest_of(self.combiner_digest, [m.identity()["digest"] for m in self.members])}
+
+    def cache_folder(self) -> Path:
+        return self.path / SCORES_DIR
 
     def predict(self, files: list[str], batch_size: int = 1024, progress: bool = True,
                 on_error: str = "raise") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
@@ -301,21 +379,6 @@ class EnsemblePredictor:
                                                        batch_size, on_error, progress):
                 yield ids, self.combiner(probs, features), labels
 
-    def identity(self) -> dict:
-        from yt8m.train.checkpoint import recorded_digest
-
-        return {"kind": "ensemble", "path": str(self.path.resolve()), "method": self.config["method"],
-                "model_digest": recorded_digest(self.path / COMBINER_FILE)}
-
-    def scores(self, files: list[str], top_k: int | None = DEFAULT_TOP_K, progress: bool = True) -> ScoreStore:
+    def scores(self, files: list[str], top_k: int | None, progress: bool = True) -> ScoreStore:
         """The ensemble's store of `files`, cached in ENS_DIR/scores/ as a run caches its own."""
-        identity = self.identity()
-        digest = data_digest(files)
-        cached = self.path / SCORES_DIR / f"{digest[:16]}-{identity['model_digest'][:12]}-top{top_k or 'all'}"
-        if (cached / HEADER).is_file():
-            return ScoreStore(cached)
-        data = {"files": [os.path.realpath(f) for f in files], "digest": digest}
-        with StoreWriter(cached, self.num_classes, top_k, source=identity, data=data) as writer:
-            for ids, probabilities, _ in self.predict(files, progress=progress):
-                writer.add(ids, probabilities)
-        return ScoreStore(cached)
+        return cached_scores(self, files, top_k, progress)

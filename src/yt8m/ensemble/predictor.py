@@ -1,27 +1,32 @@
 """One idea of a thing that predicts: a run (or a checkpoint or model file), a prediction store, or an
 ensemble, loaded by `load_predictor` into an object that turns a data set into probabilities.
 
-Every predictor has `num_classes`, `predict(files)` (batches of ids, probabilities [B, C] and the data's
-labels [B, C], in the data's order) and `scores(files, top_k)` (a prediction store of those files, from
-the cache where one exists). `eval`, `predict` and `ensemble` treat them alike.
+Every predictor has `num_classes`, `identity()` (what it is, with a digest that changes when its
+predictions can), `predict(files)` (batches of ids, probabilities [B, C] and the data's labels [B, C], in
+the data's order) and `scores(files, top_k)` (a prediction store of those files, from the cache where one
+exists). `eval`, `predict` and `ensemble` treat them alike.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from yt8m.data import decode_record, make_loader, prepare_batch
-from yt8m.data.tfrecord import read_records
-from yt8m.ensemble.store import DEFAULT_TOP_K, HEADER, ScoreStore, StoreWriter, data_digest
+from yt8m.data import CorruptRecordError, decode_record, make_loader, prepare_batch
+from yt8m.data.records import ErrorPolicy, _labels, _take_id
+from yt8m.data.tfrecord import RECORD_OVERHEAD, count_records_many, read_records
+from yt8m.data.wire import decode_example
+from yt8m.ensemble.store import HEADER, ScoreStore, StoreWriter, data_digest
 
 SCORES_DIR = "scores"  # the cache of stores in a run or ensemble directory
 ENSEMBLE_FILE = "ensemble.yaml"
@@ -41,31 +46,75 @@ def data_level(files: list[str]) -> str:
     return "frame"
 
 
+def _labelled_ids(files: list[str], num_classes: int, batch_size: int, on_error: str,
+                  progress: bool, desc: str) -> Iterator[tuple[list[str], torch.Tensor, None]]:
+    """(ids, labels [B, C], None) of every record, reading only each record's id and labels (an Example's
+    features and a SequenceExample's context are both field 1: the frames are skipped unread)."""
+    policy = ErrorPolicy(on_error)
+    try:
+        total = sum(count_records_many(files))
+    except (CorruptRecordError, OSError):
+        total = None
+    ids, classes = [], []
+
+    def batch() -> tuple[list[str], torch.Tensor, None]:
+        labels = torch.zeros(len(ids), num_classes)
+        rows = np.repeat(np.arange(len(ids)), [len(c) for c in classes])
+        labels[torch.from_numpy(rows), torch.from_numpy(np.concatenate(classes).astype(np.int64))] = 1.0
+        return list(ids), labels, None
+
+    with tqdm(total=total, desc=desc, unit="video", disable=not progress, leave=False) as bar:
+        for path in files:
+            for offset, payload in read_records(path, on_corrupt=policy.handle if on_error == "skip" else None):
+                try:
+                    features = decode_example(payload)
+                    video_id, labels = _take_id(payload, features), _labels(payload, features)
+                except Exception as error:  # noqa: BLE001 - any decoding failure is a corrupt record
+                    policy.handle(CorruptRecordError(path, offset, f"no id and labels: {error}"),
+                                  len(payload) + RECORD_OVERHEAD)
+                    continue
+                if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+                    policy.handle(CorruptRecordError(path, offset, f"label(s) outside [0, {num_classes}): is "
+                                                                   "num_classes right for this data?"),
+                                  len(payload) + RECORD_OVERHEAD)
+                    continue
+                ids.append(video_id)
+                classes.append(labels)
+                bar.update()
+                if len(ids) == batch_size:
+                    yield batch()
+                    ids, classes = [], []
+        if ids:
+            yield batch()
+    policy.stats.warn(stacklevel=3)
+
+
 def read_data(files: list[str], num_classes: int, features: bool = False, batch_size: int = 1024,
               on_error: str = "raise", progress: bool = False,
               desc: str = "read labels") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
     """(ids, labels [B, C], mean input features [B, 1152] or None) over the records of `files` in their
-    order. The features are each video's mean dequantized rgb and audio: its `mean_rgb`/`mean_audio`
-    at the video level, the mean of its frames at the frame level."""
+    order. Without `features` only ids and labels are read. The features are each video's mean dequantized
+    rgb and audio: its `mean_rgb`/`mean_audio` at the video level, the mean of its frames at the frame
+    level."""
+    if not features:
+        yield from _labelled_ids(files, num_classes, batch_size, on_error, progress, desc)
+        return
+    from yt8m.train.inference import progress_total
+
     level = data_level(files)
     loader = make_loader(files, level=level, batch_size=batch_size, num_classes=num_classes, on_error=on_error,
                          rank=0, world_size=1)
-    from yt8m.train.inference import progress_total
-
     for batch in tqdm(loader, total=progress_total(loader) if progress else None, desc=desc, unit="batch",
                       disable=not progress, leave=False):
-        mean = None
-        if features:
-            ready = prepare_batch(batch, "cpu")
-            count = ready["num_frames"].clamp(min=1).unsqueeze(1).float()  # [B, 1]
-            pooled = [ready[key].sum(1) / count if level == "frame" else ready[key] for key in ("rgb", "audio")]
-            mean = torch.cat(pooled, dim=1)  # [B, 1152]
-        yield batch["id"], batch["labels"], mean
+        ready = prepare_batch(batch, "cpu")
+        count = ready["num_frames"].clamp(min=1).unsqueeze(1).float()  # [B, 1]
+        pooled = [ready[key].sum(1) / count if level == "frame" else ready[key] for key in ("rgb", "audio")]
+        yield batch["id"], batch["labels"], torch.cat(pooled, dim=1)  # [B, 1152]
 
 
 def joined(stores: list[ScoreStore], files: list[str], num_classes: int, features: bool = False,
-           batch_size: int = 1024, on_error: str = "raise", progress: bool = False) -> Iterator[tuple[list[str], torch.Tensor,
-                                                                              torch.Tensor, torch.Tensor | None]]:
+           batch_size: int = 1024, on_error: str = "raise",
+           progress: bool = False) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(ids, member probabilities [B, M, C], labels [B, C], features or None) over the videos of `files`,
     each store's rows found by video id. A video of the data missing from a store is a ValueError."""
     for store in stores:
@@ -74,6 +123,44 @@ def joined(stores: list[ScoreStore], files: list[str], num_classes: int, feature
     for ids, labels, mean in read_data(files, num_classes, features, batch_size, on_error, progress, "join"):
         probabilities = torch.stack([store.dense(store.rows_of(ids)) for store in stores], dim=1)
         yield ids, probabilities, labels, mean
+
+
+def digest_of(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_scores(predictor, files: list[str], top_k: int | None, progress: bool = True,
+                  on_batch=None) -> ScoreStore:
+    """The store of `predictor` on `files` with `top_k` classes a video, from its cache folder, keyed by the
+    data's digest, the predictor's digest and k; computed and published there on a miss, each batch also
+    handed to `on_batch(ids, probabilities, labels)` when given (a submission written in the same pass)."""
+    identity = predictor.identity()
+    digest = data_digest(files)
+    cached = predictor.cache_folder() / f"{digest[:16]}-{identity['digest'][:16]}-top{top_k or 'all'}"
+    if (cached / HEADER).is_file():
+        return ScoreStore(cached)
+    data = {"files": [os.path.realpath(f) for f in files], "digest": digest}
+    try:
+        with StoreWriter(cached, predictor.num_classes, top_k, source=identity, data=data) as writer:
+            for ids, probabilities, labels in predictor.predict(files, progress=progress):
+                writer.add(ids, probabilities)
+                if on_batch is not None:
+                    on_batch(ids, probabilities, labels)
+    except FileExistsError:
+        if not (cached / HEADER).is_file():  # not another process's store of the same key
+            raise
+    return ScoreStore(cached)
+
+
+_TEMPORARY_CACHE: list[Path] = []
+
+
+def _process_cache() -> Path:
+    """A folder for the stores of predictors outside any run (removed when the process exits)."""
+    if not _TEMPORARY_CACHE:
+        _TEMPORARY_CACHE.append(Path(tempfile.mkdtemp(prefix="yt8m-scores-")))
+        atexit.register(shutil.rmtree, _TEMPORARY_CACHE[0], True)
+    return _TEMPORARY_CACHE[0]
 
 
 class StorePredictor:
@@ -86,64 +173,64 @@ class StorePredictor:
         self.store = ScoreStore(path)
         self.num_classes = self.store.num_classes
 
+    def identity(self) -> dict:
+        return {"kind": "store", "path": str(self.path.resolve()),
+                "digest": digest_of((self.path / HEADER).read_text())}  # the header names its data and creation
+
+    def cache_folder(self) -> Path:
+        return _process_cache()
+
     def predict(self, files: list[str], batch_size: int = 1024, progress: bool = True,
                 on_error: str = "raise") -> Iterator[Batch]:
         for ids, probabilities, labels, _ in joined([self.store], files, self.num_classes, batch_size=batch_size,
                                                      on_error=on_error, progress=progress):
             yield ids, probabilities[:, 0], labels
 
-    def scores(self, files: list[str], top_k: int | None = DEFAULT_TOP_K, progress: bool = True) -> ScoreStore:
+    def scores(self, files: list[str], top_k: int | None = None, progress: bool = True) -> ScoreStore:
+        """The store itself: its videos are joined to the data's by id."""
         return self.store
 
 
 class RunPredictor:
-    """A trained model: a run directory, or a checkpoint or model file."""
+    """A trained model: a run directory, or a checkpoint or model file. The file read is chosen and its
+    digest taken once, then loaded on the CPU; the model moves to the device when it first predicts."""
 
     kind = "run"
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256):
         from yt8m.train import load_model, resolve_device
+        from yt8m.train.checkpoint import file_digest, model_file, recorded_digest
 
         self.path = Path(path)
         self.device = resolve_device(device)
-        self.model = load_model(self.path, map_location=self.device).to(self.device)
+        self.model_file = model_file(self.path)
+        self.model_digest = recorded_digest(self.model_file) or file_digest(self.model_file)
+        self.model = load_model(self.model_file)
         self.num_classes = self.model.num_classes
         self.batch_size = batch_size
         self.max_frames = run_max_frames(self.path)
 
+    def identity(self) -> dict:
+        return {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),
+                "model": self.model.config.get("name"), "digest": self.model_digest}
+
+    def cache_folder(self) -> Path:
+        """RUN/scores/ (a checkpoint's run for a checkpoint); a process-wide temporary folder for a model
+        file outside a run."""
+        run = run_of(self.path)
+        return run / SCORES_DIR if run.is_dir() else _process_cache()
+
     def predict(self, files: list[str], batch_size: int | None = None, progress: bool = True,
-                on_error: str = "raise", desc: str = "predict") -> Iterator[Batch]:
+                on_error: str = "raise", desc: str | None = None) -> Iterator[Batch]:
         from yt8m.train import predict_batches
 
+        self.model.to(self.device)
         return predict_batches(self.model, files, self.num_classes, self.device, batch_size=batch_size or
                                self.batch_size, max_frames=self.max_frames, progress=progress, on_error=on_error,
-                               desc=desc)
+                               desc=desc or f"predict {self.path.name}")
 
-    def identity(self) -> dict:
-        """What the store of this model records as its source: the model file read, and its digest."""
-        from yt8m.train.checkpoint import file_digest, model_file, recorded_digest
-
-        source = model_file(self.path)
-        return {"kind": "run", "path": str(self.path.resolve()), "model_file": str(source.resolve()),
-                "model": self.model.config.get("name") if hasattr(self.model, "config") else type(self.model).__name__,
-                "model_digest": recorded_digest(source) or file_digest(source)}
-
-    def scores(self, files: list[str], top_k: int | None = DEFAULT_TOP_K, progress: bool = True) -> ScoreStore:
-        """The store of `files`: read from the run's cache (RUN/scores/, keyed by the data's digest, the
-        model's digest and k), computed and cached on a miss. A model file outside a run caches in a
-        temporary folder for this process."""
-        identity = self.identity()
-        digest = data_digest(files)
-        key = f"{digest[:16]}-{identity['model_digest'][:12]}-top{top_k or 'all'}"
-        folder = cache_folder(self.path)
-        cached = folder / key
-        if (cached / HEADER).is_file():
-            return ScoreStore(cached)
-        data = {"files": [os.path.realpath(f) for f in files], "digest": digest}
-        with StoreWriter(cached, self.num_classes, top_k, source=identity, data=data) as writer:
-            for ids, probabilities, _ in self.predict(files, progress=progress, desc=f"scores {self.path.name}"):
-                writer.add(ids, probabilities)
-        return ScoreStore(cached)
+    def scores(self, files: list[str], top_k: int | None, progress: bool = True) -> ScoreStore:
+        return cached_scores(self, files, top_k, progress)
 
 
 def run_max_frames(source: Path) -> int:
@@ -171,21 +258,6 @@ def run_of(source: Path) -> Path:
     return source.parent if config_path(source.parent).exists() else source
 
 
-_TEMPORARY_CACHE: list[Path] = []
-
-
-def cache_folder(source: Path) -> Path:
-    """Where the stores of `source` are cached: SOURCE/scores/ for a run or ensemble directory (a checkpoint's
-    run for a checkpoint), a temporary folder removed at exit for a model file outside a run."""
-    run = run_of(source)
-    if run.is_dir():
-        return run / SCORES_DIR
-    if not _TEMPORARY_CACHE:
-        _TEMPORARY_CACHE.append(Path(tempfile.mkdtemp(prefix="yt8m-scores-")))
-        atexit.register(shutil.rmtree, _TEMPORARY_CACHE[0], True)
-    return _TEMPORARY_CACHE[0]
-
-
 def source_kind(path: str | os.PathLike) -> str:
     """`store`, `ensemble` or `run` (a run directory or a checkpoint or model file); FileNotFoundError if none."""
     path = Path(path)
@@ -210,13 +282,5 @@ def load_predictor(path: str | os.PathLike, device: str | torch.device = "auto",
     return RunPredictor(path, device=device, batch_size=batch_size)
 
 
-def check_store_data(store: ScoreStore, files: list[str]) -> None:
-    """Warns when a store was made from other files than `files` (its videos are joined by id anyway)."""
-    recorded = store.data.get("digest")
-    if recorded and recorded != data_digest(files):
-        warnings.warn(f"{store.path} was written from other data files than --data (or they changed since); "
-                      "videos are matched by id", stacklevel=2)
-
-
-__all__ = ["ENSEMBLE_FILE", "RunPredictor", "SCORES_DIR", "StorePredictor", "data_level", "joined",
-           "load_predictor", "read_data", "run_max_frames", "run_of", "source_kind"]
+__all__ = ["ENSEMBLE_FILE", "RunPredictor", "SCORES_DIR", "StorePredictor", "cached_scores", "data_level",
+           "joined", "load_predictor", "read_data", "run_max_frames", "run_of", "source_kind"]

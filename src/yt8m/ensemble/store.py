@@ -5,7 +5,7 @@ A store is a folder that NumPy alone reads, memory-mapped (`np.load(path, mmap_m
     header.json   {"format": "yt8m-scores", "version": 1, "num_videos": N, "num_classes": C,
                    "top_k": k (null: dense), "source": {...}, "data": {"files": [...], "digest": ...}}
     ids.npy       bytes [N]: the video ids (UTF-8), in the order the data was read
-    scores.npy    float16 [N, k]: each video's k best probabilities, best first
+    scores.npy    float16 [N, k] (float32 where asked): each video's k best probabilities, best first
                   (dense: [N, C], column c is class c)
     classes.npy   int16 [N, k] (int32 when C > 32767): the classes of those scores (absent when dense)
 
@@ -52,7 +52,7 @@ def class_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
 
 
-class _NpyAppender:
+class NpyAppender:
     """A 2-D (or 1-D) `.npy` file written row block by row block; its header is filled in at `close`."""
 
     def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]):
@@ -86,7 +86,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike, num_classes: int, top_k: int | None = DEFAULT_TOP_K,
-                 source: dict | None = None, data: dict | None = None):
+                 source: dict | None = None, data: dict | None = None, scores_dtype: str = "float16"):
         self.path = Path(path)
         if num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, found {num_classes}")
@@ -96,16 +96,18 @@ class StoreWriter:
             raise FileExistsError(f"{self.path} already exists")
         self.num_classes = num_classes
         self.top_k = None if top_k is None or top_k >= num_classes else top_k
+        if scores_dtype not in ("float16", "float32"):
+            raise ValueError(f"scores_dtype: expected float16 or float32, found {scores_dtype!r}")
         self.header = {"format": FORMAT, "version": VERSION, "num_videos": 0, "num_classes": num_classes,
-                       "top_k": self.top_k, "scores_dtype": "float16", "source": source or {}, "data": data or {}}
+                       "top_k": self.top_k, "scores_dtype": scores_dtype, "source": source or {}, "data": data or {}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         self.tmp.mkdir()
         width = self.top_k or num_classes
-        self.scores = _NpyAppender(self.tmp / "scores.npy", np.float16, (width,))
-        self.classes = _NpyAppender(self.tmp / "classes.npy", class_dtype(num_classes), (width,)) \
+        self.scores = NpyAppender(self.tmp / "scores.npy", np.dtype(scores_dtype), (width,))
+        self.classes = NpyAppender(self.tmp / "classes.npy", class_dtype(num_classes), (width,)) \
             if self.top_k else None
-        self.id_lines = open(self.tmp / "ids.txt", "x", encoding="utf-8")
+        self.id_lines = open(self.tmp / "ids.txt", "xb")
         self.id_width = 1
 
     def add(self, ids: Sequence[str], probabilities: torch.Tensor | np.ndarray) -> None:
@@ -115,10 +117,11 @@ class StoreWriter:
             raise ValueError(f"probabilities: expected shape ({len(ids)}, {self.num_classes}), "
                              f"found {tuple(probabilities.shape)}")
         for video_id in ids:
-            if "\n" in video_id or not video_id:
-                raise ValueError(f"video id {video_id!r}: expected a non-empty id without a line break")
-            self.id_lines.write(video_id + "\n")
-            self.id_width = max(self.id_width, len(video_id.encode()))
+            encoded = video_id.encode()
+            if b"\n" in encoded or not encoded:
+                raise ValueError(f"video id {video_id!r}: expected a non-empty id without a line feed")
+            self.id_lines.write(encoded + b"\n")
+            self.id_width = max(self.id_width, len(encoded))
         if self.top_k:
             scores, classes = torch.topk(probabilities, self.top_k, dim=1)  # [B, k], best first
             self.scores.append(scores.numpy())
@@ -128,31 +131,31 @@ class StoreWriter:
         self.header["num_videos"] += len(ids)
 
     def close(self) -> Path:
-        """Finishes the arrays and the header, and publishes the store under its name."""
-        self.scores.close()
-        if self.classes:
-            self.classes.close()
-        self.id_lines.close()
-        ids = _NpyAppender(self.tmp / "ids.npy", np.dtype(f"S{self.id_width}"), ())
-        with open(self.tmp / "ids.txt", encoding="utf-8") as lines:
-            block = []
-            for line in lines:
-                block.append(line[:-1].encode())
-                if len(block) == 65536:
-                    ids.append(np.array(block, dtype=ids.dtype))
-                    block = []
-            ids.append(np.array(block, dtype=ids.dtype))
-        ids.close()
-        (self.tmp / "ids.txt").unlink()
-        self.header["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        (self.tmp / HEADER).write_text(json.dumps(self.header, indent=1) + "\n")
+        """Finishes the arrays and the header, and publishes the store under its name; on failure nothing
+        is left behind."""
         try:
-            os.rename(self.tmp, self.path)  # fails on an existing non-empty folder; a file appeared: refuse
-        except OSError:
+            self._finish()
+            os.rename(self.tmp, self.path)  # fails on an existing non-empty folder
+        except BaseException:
+            self.abort()
             if os.path.lexists(self.path):
                 raise FileExistsError(f"{self.path} appeared while the store was written") from None
             raise
         return self.path
+
+    def _finish(self) -> None:
+        self.scores.close()
+        if self.classes:
+            self.classes.close()
+        self.id_lines.close()
+        ids = NpyAppender(self.tmp / "ids.npy", np.dtype(f"S{self.id_width}"), ())
+        with open(self.tmp / "ids.txt", "rb") as lines:
+            while block := lines.readlines(1 << 20):
+                ids.append(np.array([line[:-1] for line in block], dtype=ids.dtype))
+        ids.close()
+        (self.tmp / "ids.txt").unlink()
+        self.header["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        (self.tmp / HEADER).write_text(json.dumps(self.header, indent=1) + "\n")
 
     def abort(self) -> None:
         for handle in (self.scores.file, self.classes.file if self.classes else None, self.id_lines):
@@ -171,9 +174,10 @@ class StoreWriter:
 
 
 def write_store(path: str | os.PathLike, batches: Iterable[tuple[Sequence[str], torch.Tensor]], num_classes: int,
-                top_k: int | None = DEFAULT_TOP_K, source: dict | None = None, data: dict | None = None) -> Path:
+                top_k: int | None = DEFAULT_TOP_K, source: dict | None = None, data: dict | None = None,
+                scores_dtype: str = "float16") -> Path:
     """A store at `path` of the (ids, probabilities [B, C]) batches."""
-    with StoreWriter(path, num_classes, top_k, source, data) as writer:
+    with StoreWriter(path, num_classes, top_k, source, data, scores_dtype) as writer:
         for ids, probabilities in batches:
             writer.add(ids, probabilities)
     return Path(path)
@@ -194,18 +198,28 @@ class ScoreStore:
             self.header = json.loads(header_path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{header_path}: not JSON ({error})") from None
-        if self.header.get("format") != FORMAT or self.header.get("version") != VERSION:
-            raise ValueError(f"{header_path}: format {self.header.get('format')!r} version "
-                             f"{self.header.get('version')!r}, expected {FORMAT!r} version {VERSION}")
-        self.num_classes = int(self.header["num_classes"])
+        if not isinstance(self.header, dict) or self.header.get("format") != FORMAT \
+                or self.header.get("version") != VERSION:
+            found = (self.header.get("format"), self.header.get("version")) if isinstance(self.header, dict) else \
+                type(self.header).__name__
+            raise ValueError(f"{header_path}: expected format {FORMAT!r} version {VERSION}, found {found}")
+        for key, minimum in (("num_classes", 1), ("num_videos", 0), ("top_k", 1)):
+            value = self.header.get(key)
+            if not (isinstance(value, int) and value >= minimum) and not (key == "top_k" and value is None):
+                raise ValueError(f"{header_path}: {key!r} must be an integer >= {minimum}"
+                                 f"{' or null' if key == 'top_k' else ''}, found {value!r}")
+        self.num_classes = self.header["num_classes"]
         self.top_k = self.header["top_k"]
-        self.num_videos = int(self.header["num_videos"])
+        self.num_videos = self.header["num_videos"]
         self.ids = self._array("ids.npy", (self.num_videos,))
         width = self.top_k or self.num_classes
         self.scores = self._array("scores.npy", (self.num_videos, width))
         self.classes = self._array("classes.npy", (self.num_videos, width)) if self.top_k else None
         if self.classes is not None and self.classes.dtype.kind != "i":
             raise ValueError(f"{self.path / 'classes.npy'}: integer class ids expected, found {self.classes.dtype}")
+        if self.ids.dtype.kind != "S" or self.scores.dtype.kind != "f":
+            raise ValueError(f"{self.path}: ids.npy must hold bytes and scores.npy floats, found {self.ids.dtype} "
+                             f"and {self.scores.dtype}")
         self._order: np.ndarray | None = None
 
     def _array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -249,8 +263,12 @@ class ScoreStore:
         scores = torch.from_numpy(np.asarray(take(self.scores), dtype=np.float32))
         if self.classes is None:
             return scores
+        classes = np.asarray(take(self.classes), dtype=np.int64)
+        if classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
+            raise ValueError(f"{self.path / 'classes.npy'}: class ids outside [0, {self.num_classes}) in rows "
+                             f"{rows[0]}..{rows[-1]}")
         out = torch.zeros(len(rows), self.num_classes)
-        out.scatter_(1, torch.from_numpy(np.asarray(take(self.classes), dtype=np.int64)), scores)
+        out.scatter_(1, torch.from_numpy(classes), scores)
         return out
 
     def batches(self, batch_size: int = 1024) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -270,20 +288,33 @@ class MissingVideosError(ValueError):
                          "predicted on other data? `yt8m predict RUN --data D --scores OUT` makes a store of D")
 
 
-def copy_store(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Copies the store `source` to `output` through a hidden folder renamed into place; an existing
-    `output` is replaced only with `overwrite`, and only when it is a store itself."""
-    source, output = Path(source), Path(output)
+def check_store_output(output: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuses `output` for a store: an existing one without `overwrite`, and anything but a store even with it."""
+    output = Path(output)
     if os.path.lexists(output):
-        if not overwrite:
-            raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
-        if not (output / HEADER).is_file():
+        if not (output / HEADER).is_file() or output.is_symlink():
             raise FileExistsError(f"{output} exists and is not a prediction store: refusing to replace it even "
                                   "with --overwrite")
+        if not overwrite:
+            raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)  # the arrays are never written after publishing: sharing them is safe
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def copy_store(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Publishes the store `source` at `output` too (hard links where the file system allows, else a copy),
+    through a hidden folder renamed into place; see `check_store_output`."""
+    source, output = Path(source), Path(output)
+    check_store_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        shutil.copytree(source, tmp)
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
         if os.path.lexists(output):
             shutil.rmtree(output)
         os.rename(tmp, output)

@@ -169,35 +169,66 @@ def write_submission(model: nn.Module, data, output: str | Path, num_classes: in
                                  num_classes, top_k, overwrite, protect, inputs)
 
 
+class SubmissionWriter:
+    """The Kaggle video-level file written batch by batch: `add(ids, probabilities [B, C])`, then `close()`
+    (or a `with` block). The output is checked when the writer is made (`check_output`); rows go to a
+    temporary file unique to the writer, renamed at `close`, removed by `abort` or a failure."""
+
+    def __init__(self, output: str | Path, num_classes: int, top_k: int = 20, overwrite: bool = False,
+                 protect: Iterable[str | Path] = (), inputs: Iterable[str | Path] = ()):
+        if top_k < 1:
+            raise ValueError(f"top_k: expected a positive int, found {top_k}")
+        self.output, self.num_classes, self.top_k, self.overwrite = Path(output), num_classes, top_k, overwrite
+        check_output(self.output, inputs, protect, overwrite)
+        try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot write {self.output}: its folder cannot be made ({error.strerror}: "
+                             f"{error.filename})") from None
+        self.tmp = temporary_path(self.output)
+        self.file = open(self.tmp, "x", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["VideoId", "LabelConfidencePairs"])
+        self.count = 0
+
+    def add(self, ids: list[str], probabilities: torch.Tensor, *_) -> None:
+        scores, classes = torch.topk(probabilities, min(self.top_k, self.num_classes), dim=1)
+        for video_id, row_classes, row_scores in zip(ids, classes.numpy(), scores.numpy()):
+            self.writer.writerow([video_id, " ".join(f"{c} {s:.6f}" for c, s in zip(row_classes, row_scores))])
+        self.count += len(ids)
+
+    def close(self) -> int:
+        """Publishes the file; returns the number of videos written."""
+        try:
+            self.file.close()
+            _publish(self.tmp, self.output, self.overwrite)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        return self.count
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> SubmissionWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_submission_rows(batches: Callable[[], Iterable[tuple[list[str], torch.Tensor, object]]],
                           output: str | Path, num_classes: int, top_k: int = 20, overwrite: bool = False,
                           protect: Iterable[str | Path] = (), inputs: Iterable[str | Path] = ()) -> int:
     """`write_submission` of the (ids, probabilities [B, C], ...) batches that `batches()` yields, called
     once the output is checked; never writes over an input file or anything in `protect`."""
-    if top_k < 1:
-        raise ValueError(f"top_k: expected a positive int, found {top_k}")
-    output = Path(output)
-    check_output(output, inputs, protect, overwrite)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"cannot write {output}: its folder cannot be made ({error.strerror}: {error.filename})") \
-            from None
-    count = 0
-    tmp = temporary_path(output)
-    try:
-        with open(tmp, "x", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["VideoId", "LabelConfidencePairs"])
-            for ids, probabilities, _ in batches():
-                scores, classes = torch.topk(probabilities, min(top_k, num_classes), dim=1)
-                for video_id, row_classes, row_scores in zip(ids, classes.numpy(), scores.numpy()):
-                    writer.writerow([video_id, " ".join(f"{c} {s:.6f}" for c, s in zip(row_classes, row_scores))])
-                    count += 1
-        _publish(tmp, output, overwrite)
-    finally:  # a failed run leaves no partial file behind
-        tmp.unlink(missing_ok=True)
-    return count
+    with SubmissionWriter(output, num_classes, top_k, overwrite, protect, inputs) as writer:
+        for ids, probabilities, _ in batches():
+            writer.add(ids, probabilities)
+    return writer.count
 
 
 def read_submission(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -215,4 +246,4 @@ def read_submission(path: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 __all__ = ["autocast", "check_output", "evaluate", "predict_batches", "read_submission", "resolve_device",
-           "score_batches", "write_submission", "write_submission_rows"]
+           "score_batches", "SubmissionWriter", "write_submission", "write_submission_rows"]

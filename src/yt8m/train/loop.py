@@ -54,6 +54,7 @@ from yt8m.train.lock import RunLock
 
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_FILE = "model_config.yaml"  # the built model's every option
+TRAIN_FILES_FILE = "train_files.txt"  # the training files, resolved: what an ensemble's holdout must not overlap
 METRICS_FILE = "metrics.jsonl"
 # what must match between a run and the configuration that resumes it
 RESUME_KEYS = ("model", "num_classes", "model_options")
@@ -418,6 +419,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         config.dump(run_dir / CONFIG_FILE)
         # every option of the model built (a preset's included): `build(**...)` rebuilds it anywhere
         atomic_write_text(run_dir / MODEL_CONFIG_FILE, yaml.safe_dump(model.config, sort_keys=False))
+        # a resumed run may read other files: it has trained on every one listed
+        seen = (run_dir / TRAIN_FILES_FILE).read_text().splitlines() if (run_dir / TRAIN_FILES_FILE).exists() else []
+        trained = sorted(set(seen) | {os.path.realpath(f) for f in train_files})
+        atomic_write_text(run_dir / TRAIN_FILES_FILE, "".join(f"{path}\n" for path in trained))
     window_start, window_examples = time.perf_counter(), 0
     try:
         with StopRequest(enabled=world_size == 1) as stop:
