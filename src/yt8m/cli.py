@@ -414,8 +414,8 @@ def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path 
 @click.option("--norm", type=click.Choice(["l1", "l2", "l3"]), default=None,
               help="ap_weighted: the norm of the per-class APs [default: l3].")
 @click.option("--trials", type=POSITIVE, default=None, help="search: random weight draws [default: 100].")
-@click.option("--epochs", type=POSITIVE, default=None, help="weighted, classwise, attention: passes over the holdout.")
-@click.option("--lr", type=float, default=None, help="weighted, classwise, attention: Adam's learning rate.")
+@click.option("--epochs", type=POSITIVE, default=None, help="weighted, classwise, attention: passes over the holdout [default: 4].")
+@click.option("--lr", type=float, default=None, help="weighted, classwise, attention: Adam's learning rate [default: 0.01; attention 0.004].")
 @click.option("--num-mixtures", type=POSITIVE, default=None, help="attention: K, the low-rank matrices [default: 16].")
 @click.option("--rank", type=POSITIVE, default=None, help="attention: D, their rank [default: 4].")
 @click.option("--seed", type=int, default=None, help="search, weighted, classwise, attention [default: 0].")

@@ -26,7 +26,7 @@ import yaml
 from yt8m.data import expand_paths
 from yt8m.ensemble.methods import HoldoutBatch, build_combiner, fit, member_weights, method_options
 from yt8m.ensemble.predictor import (ENSEMBLE_FILE, SCORES_DIR, digest_of, cached_scores, joined, load_predictor,
-                                     read_data, run_of, source_kind)
+                                     labelled_ids, read_data, run_of, source_kind)
 from yt8m.ensemble.store import DEFAULT_TOP_K, NpyAppender, ScoreStore, data_digest
 from yt8m.metrics import Evaluator
 
@@ -47,13 +47,17 @@ class StoreHoldout:
         rows: list[list[np.ndarray]] = [[] for _ in stores]
         label_counts, label_classes, num_videos = [], [], 0
         mean_writer = NpyAppender(workdir / "features.npy", np.float16, (FEATURE_DIM,)) if features else None
-        for batch_ids, labels, mean in read_data(files, num_classes, features, progress=progress,
-                                                 desc="read the holdout"):
+        if features:
+            batches = ((ids, [np.flatnonzero(row) for row in labels.numpy()], mean) for ids, labels, mean in
+                       read_data(files, num_classes, True, progress=progress, desc="read the holdout"))
+        else:  # ids and labels only, never a dense batch
+            batches = ((ids, classes, None) for ids, classes in
+                       labelled_ids(files, num_classes, progress=progress, desc="read the holdout"))
+        for batch_ids, classes, mean in batches:
             for member, store in enumerate(stores):
                 rows[member].append(store.rows_of(batch_ids))
-            nonzero = labels.nonzero()  # [P, 2], row-major: video, class
-            label_counts.append(torch.bincount(nonzero[:, 0], minlength=len(batch_ids)).numpy())
-            label_classes.append(nonzero[:, 1].numpy().astype(np.int32))
+            label_counts.append(np.array([len(c) for c in classes], np.int64))
+            label_classes.append(np.concatenate(classes).astype(np.int32) if classes else np.zeros(0, np.int32))
             num_videos += len(batch_ids)
             if mean_writer:
                 mean_writer.append(mean.numpy())

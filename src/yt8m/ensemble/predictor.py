@@ -46,9 +46,9 @@ def data_level(files: list[str]) -> str:
     return "frame"
 
 
-def _labelled_ids(files: list[str], num_classes: int, batch_size: int, on_error: str,
-                  progress: bool, desc: str) -> Iterator[tuple[list[str], torch.Tensor, None]]:
-    """(ids, labels [B, C], None) of every record, reading only each record's id and labels (an Example's
+def labelled_ids(files: list[str], num_classes: int, batch_size: int = 1024, on_error: str = "raise",
+                 progress: bool = False, desc: str = "read labels") -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """(ids, each video's classes) of every record, reading only each record's id and labels (an Example's
     features and a SequenceExample's context are both field 1: the frames are skipped unread)."""
     policy = ErrorPolicy(on_error)
     try:
@@ -56,13 +56,6 @@ def _labelled_ids(files: list[str], num_classes: int, batch_size: int, on_error:
     except (CorruptRecordError, OSError):
         total = None
     ids, classes = [], []
-
-    def batch() -> tuple[list[str], torch.Tensor, None]:
-        labels = torch.zeros(len(ids), num_classes)
-        rows = np.repeat(np.arange(len(ids)), [len(c) for c in classes])
-        labels[torch.from_numpy(rows), torch.from_numpy(np.concatenate(classes).astype(np.int64))] = 1.0
-        return list(ids), labels, None
-
     with tqdm(total=total, desc=desc, unit="video", disable=not progress, leave=False) as bar:
         for path in files:
             for offset, payload in read_records(path, on_corrupt=policy.handle if on_error == "skip" else None):
@@ -82,11 +75,20 @@ def _labelled_ids(files: list[str], num_classes: int, batch_size: int, on_error:
                 classes.append(labels)
                 bar.update()
                 if len(ids) == batch_size:
-                    yield batch()
+                    yield ids, classes
                     ids, classes = [], []
         if ids:
-            yield batch()
+            yield ids, classes
     policy.stats.warn(stacklevel=3)
+
+
+def dense_labels(classes: list[np.ndarray], num_classes: int) -> torch.Tensor:
+    """Multi-hot labels [len(classes), num_classes] of each video's classes."""
+    labels = torch.zeros(len(classes), num_classes)
+    rows = np.repeat(np.arange(len(classes)), [len(c) for c in classes])
+    columns = np.concatenate(classes).astype(np.int64) if len(rows) else np.zeros(0, np.int64)
+    labels[torch.from_numpy(rows), torch.from_numpy(columns)] = 1.0
+    return labels
 
 
 def read_data(files: list[str], num_classes: int, features: bool = False, batch_size: int = 1024,
@@ -97,7 +99,8 @@ def read_data(files: list[str], num_classes: int, features: bool = False, batch_
     rgb and audio: its `mean_rgb`/`mean_audio` at the video level, the mean of its frames at the frame
     level."""
     if not features:
-        yield from _labelled_ids(files, num_classes, batch_size, on_error, progress, desc)
+        for ids, classes in labelled_ids(files, num_classes, batch_size, on_error, progress, desc):
+            yield ids, dense_labels(classes, num_classes), None
         return
     from yt8m.train.inference import progress_total
 
