@@ -184,7 +184,7 @@ def write_store(path: str | os.PathLike, batches: Iterable[tuple[Sequence[str], 
 
 
 class ScoreStore:
-    """A store read back, memory-mapped: `ids`, `rows_of(ids)`, `dense(rows)`, `batches()`."""
+    """A store read back, memory-mapped: `ids`, `rows_of(ids)`, `dense(rows)`."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -245,9 +245,8 @@ class ScoreStore:
         if self._order is None:
             self._order = np.argsort(self.ids, kind="stable")
             self._sorted = self.ids[self._order]
-        wanted = np.array([video_id.encode() for video_id in ids], dtype=self._sorted.dtype
-                          if len(ids) == 0 or max(len(i.encode()) for i in ids) <= self._sorted.dtype.itemsize
-                          else f"S{max(len(i.encode()) for i in ids)}")
+        encoded = [video_id.encode() for video_id in ids]
+        wanted = np.array(encoded, dtype=f"S{max(max(map(len, encoded), default=1), self._sorted.dtype.itemsize)}")
         at = np.searchsorted(self._sorted, wanted).clip(max=max(self.num_videos - 1, 0))
         found = self._sorted[at] == wanted if self.num_videos else np.zeros(len(ids), bool)
         if not found.all():
@@ -270,12 +269,6 @@ class ScoreStore:
         out = torch.zeros(len(rows), self.num_classes)
         out.scatter_(1, torch.from_numpy(classes), scores)
         return out
-
-    def batches(self, batch_size: int = 1024) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """(ids, dense probabilities [B, C]) over the store in its order."""
-        for start in range(0, self.num_videos, batch_size):
-            rows = np.arange(start, min(start + batch_size, self.num_videos))
-            yield [i.decode() for i in self.ids[start:rows[-1] + 1]], self.dense(rows)
 
 
 class MissingVideosError(ValueError):
