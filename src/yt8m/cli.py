@@ -125,13 +125,13 @@ def _protected(source: Path) -> list[Path]:
     return [run, digest_path(run)] if run.is_file() else [run]
 
 
-def _load_predictor(source: Path, device: str, batch_size: int):
+def _load_predictor(source: Path, device: str, batch_size: int, what: str = "RUN"):
     """The predictor of SOURCE (a run, checkpoint or model file, ensemble or prediction store)."""
     from yt8m.ensemble import load_predictor
 
     if not source.exists():
         raise click.BadParameter(f"no run directory, model file, ensemble or prediction store at {source}",
-                                 param_hint="RUN")
+                                 param_hint=what)
     return load_predictor(source, device=device, batch_size=batch_size)
 
 
@@ -323,7 +323,15 @@ def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None
         raise click.BadParameter(f"{store} is not a prediction store (a folder with header.json, as `predict "
                                  "--scores` writes); give a run or an ensemble as RUN", param_hint="--scores")
     files = _resolve_data(_patterns(data), "--data")
-    predictor = _load_predictor(run or store, device, batch_size)
+    predictor = _load_predictor(run or store, device, batch_size, "--scores" if store else "RUN")
+    if predictor.kind == "store" and predictor.store.top_k is not None and predictor.store.top_k < top_k:
+        warnings.warn(f"{store} keeps {predictor.store.top_k} classes a video, fewer than the {top_k} of GAP@{top_k}: "
+                      "the others score 0 (write the store with --scores-top-k >= 20)", stacklevel=2)
+    if predictor.kind == "ensemble":
+        fitted_on = {os.path.realpath(f) for f in predictor.config.get("holdout", {}).get("files", [])}
+        if fitted_on & {os.path.realpath(f) for f in files}:
+            warnings.warn(f"--data holds files of the holdout that ensemble {run} was fitted on: its scores there "
+                          "are optimistic", stacklevel=2)
     scores = _data_errors(lambda: score_batches(predictor.predict(files, progress=not as_json),
                                                 predictor.num_classes, top_k))
     if scores["num_videos"] == 0:
@@ -435,31 +443,41 @@ def ensemble(method: str, members: tuple[str, ...], holdout: tuple[str, ...], ou
     """Fit METHOD (mean, weighted, search, classwise, ap_weighted, attention) on --holdout to combine the
     --members, and write the ensemble directory --output, which eval and predict take as a run."""
     from yt8m.ensemble import METHODS, fit_ensemble, method_options
+    from yt8m.ensemble.methods import DEFAULT_OPTIONS
 
     if method not in METHODS:
         raise click.BadParameter(f"expected one of {', '.join(METHODS)}, got {method!r}", param_hint="METHOD")
     given = {"norm": norm, "trials": trials, "epochs": epochs, "lr": lr, "num_mixtures": num_mixtures, "rank": rank,
              "seed": seed, "batch_size": fit_batch_size}
     options = {key: value for key, value in given.items() if value is not None}
+    flags = {key: "--fit-batch-size" if key == "batch_size" else "--" + key.replace("_", "-") for key in given}
+    takes = [flags[key] for key in DEFAULT_OPTIONS[method] if key in flags]
+    for key in options:
+        if key not in DEFAULT_OPTIONS[method]:
+            raise click.UsageError(f"{flags[key]} does not apply to method {method} (it takes "
+                                   f"{', '.join(takes) or 'no option'})")
     try:
         method_options(method, options)
     except ValueError as error:  # in the flags' names
-        flags = {key: "--fit-batch-size" if key == "batch_size" else "--" + key.replace("_", "-") for key in given}
         message = re.sub(r"'?\b(" + "|".join(flags) + r")\b'?", lambda m: flags[m.group(1)], str(error))
         raise click.UsageError(message) from None
     names = [member for value in members for member in value.split(",") if member]
+    k = _scores_top_k(scores_top_k)
+    if k is not None and k < 20:
+        warnings.warn(f"--scores-top-k {k}: each member keeps fewer classes than the 20 of GAP@20, the others "
+                      "score 0 in the fit and in every score", stacklevel=2)
     files = _resolve_data(_patterns(holdout), "--holdout")
     start = time.perf_counter()
-    record = _data_errors(lambda: fit_ensemble(method, names, files, output, options, top_k=_scores_top_k(scores_top_k),
+    record = _data_errors(lambda: fit_ensemble(method, names, files, output, options, top_k=k,
                                                device=device, batch_size=batch_size, overwrite=overwrite,
                                                progress=not quiet))
     scores = record["holdout_scores"]
     best = max(scores["members"].values(), key=lambda s: s["gap"])
     for name, weight in zip(names, record["member_weights"]):
-        shown = "" if weight is None else f"  weight {weight:.3f}"
+        shown = f"  weight {weight:.3f}"
         click.echo(f"  member {name}: holdout GAP {scores['members'][name]['gap']:.4f}{shown}")
     click.echo(f"{method} ensemble of {len(names)} members: holdout GAP {scores['ensemble']['gap']:.4f} "
-               f"({scores['ensemble']['gap'] - best['gap']:+.4f} over the best member), "
+               f"({scores['ensemble']['gap'] - best['gap']:+.4f} against the best member), "
                f"{record['holdout']['num_videos']} videos, in {time.perf_counter() - start:.0f} s -> {output}")
 
 

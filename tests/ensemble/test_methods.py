@@ -229,8 +229,10 @@ def test_search_trials():
     trials = search_trials(4, 30, seed=7)
     assert trials.shape == (30, 4)
     torch.testing.assert_close(trials[0], torch.full((4,), 0.25))
+    torch.testing.assert_close(trials[1:5], torch.eye(4))  # each member alone
     torch.testing.assert_close(trials.sum(1), torch.ones(30))
-    assert (trials > 0).all()
+    assert (trials[5:] > 0).all()
+    assert search_trials(4, 3, seed=7).shape == (3, 4)
     assert torch.equal(trials, search_trials(4, 30, seed=7))
     assert not torch.equal(trials, search_trials(4, 30, seed=8))
 

@@ -93,8 +93,12 @@ def test_copy_store_refuses_to_replace_what_is_not_a_store(tmp_path, scores):
     ids, probabilities = scores
     path = write_store(tmp_path / "s", batches(probabilities, ids, 16), 30)
     (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not a prediction store"):
         copy_store(path, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    (tmp_path / "empty").mkdir()  # an empty folder takes the store
+    assert ScoreStore(copy_store(path, tmp_path / "empty")).num_videos == 53
     copy = copy_store(path, tmp_path / "copy")
     with pytest.raises(FileExistsError, match="--overwrite"):
         copy_store(path, copy)

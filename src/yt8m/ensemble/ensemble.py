@@ -26,7 +26,7 @@ import yaml
 from yt8m.data import expand_paths
 from yt8m.ensemble.methods import HoldoutBatch, build_combiner, fit, member_weights, method_options
 from yt8m.ensemble.predictor import (ENSEMBLE_FILE, SCORES_DIR, digest_of, cached_scores, joined, load_predictor,
-                                     labelled_ids, read_data, run_of, source_kind)
+                                     data_level, labelled_ids, read_data, run_of, source_kind)
 from yt8m.ensemble.store import DEFAULT_TOP_K, NpyAppender, ScoreStore, data_digest
 from yt8m.metrics import Evaluator
 
@@ -62,6 +62,13 @@ class StoreHoldout:
             if mean_writer:
                 mean_writer.append(mean.numpy())
         self.num_videos = num_videos
+        unlabelled = int(sum((c == 0).sum() for c in label_counts))
+        if num_videos and unlabelled == num_videos:
+            raise ValueError(f"the holdout's {num_videos} videos have no labels (test data?): an ensemble is fitted "
+                             "on labelled videos the members did not train on")
+        if unlabelled:
+            warnings.warn(f"{unlabelled} of the holdout's {num_videos} videos have no labels: fitting counts every "
+                          "class predicted for them as wrong", stacklevel=3)
         self.rows = [np.concatenate(r) if r else np.zeros(0, np.int64) for r in rows]
         counts = np.concatenate(label_counts) if label_counts else np.zeros(0, np.int64)
         self.label_start = np.concatenate([[0], np.cumsum(counts)])
@@ -111,29 +118,34 @@ def member_path(record: dict, ensemble_dir: Path) -> Path:
     return Path(record["path"])
 
 
-def training_runs(source: Path) -> tuple[list[Path], list[str]]:
-    """(the run directories behind `source`: a run, the run a store was written from, or every member's runs
-    of an ensemble; why a part of it has no known training data)."""
+def learned_from(source: Path) -> tuple[list[tuple[str, Path, list[str] | None]], list[str]]:
+    """(the data sets `source` learned from, each as (what, its cache folder, its files or None where they are
+    not found); why a part of it has no known data). A run learned from its training files; an ensemble from
+    its holdout and from all its members learned from; a store from the run or ensemble that wrote it."""
     from yt8m.train.loop import config_path
 
     kind = source_kind(source)
     if kind == "store":
         origin = ScoreStore(source).source
-        path = Path(origin.get("path", ""))
+        path = Path(origin.get("path") or "")
         if origin.get("kind") in ("run", "ensemble") and origin.get("path") and path.exists():
-            return training_runs(path)
-        return [], [f"store {source} was not written from a run that is still at its recorded path"]
+            return learned_from(path)
+        return [], [f"store {source} was not written from a run or ensemble still at its recorded path"]
     if kind == "ensemble":
-        runs, unknown = [], []
-        for member in _ensemble_config(source)["members"]:
-            found, why = training_runs(member_path(member, source))
-            runs.extend(found)
+        config = _ensemble_config(source)
+        files = config.get("holdout", {}).get("files") or []
+        sets = [(f"ensemble {source}, fitted on it", source / SCORES_DIR,
+                 files if files and all(os.path.exists(f) for f in files) else None)]
+        unknown = []
+        for member in config["members"]:
+            found, why = learned_from(member_path(member, source))
+            sets.extend(found)
             unknown.extend(why)
-        return runs, unknown
+        return sets, unknown
     run = run_of(source)
     if config_path(run).is_file():
-        return [run], []
-    return [], [f"{source} is a model file outside a run"]
+        return [(f"run {run}", run / SCORES_DIR, training_files(run))], []
+    return [], [f"{source} is not in a run directory (no config.yaml beside it)"]
 
 
 def training_files(run: Path) -> list[str] | None:
@@ -152,12 +164,12 @@ def training_files(run: Path) -> list[str] | None:
         return None
 
 
-def training_ids(run: Path, files: list[str]) -> np.ndarray:
-    """The video ids of `run`'s training files, read once (ids only, without the CRC pass over the frames)
-    and cached in RUN/scores/ by the files' digest."""
+def training_ids(cache: Path, files: list[str]) -> np.ndarray:
+    """The video ids of `files`, read once (ids only, without the CRC pass over the frames) and cached in
+    `cache` by the files' digest."""
     from yt8m.data.split import video_ids
 
-    cached = run / SCORES_DIR / f"train-ids-{data_digest(files)[:16]}.npy"
+    cached = cache / f"train-ids-{data_digest(files)[:16]}.npy"
     if cached.is_file():
         return np.load(cached, allow_pickle=False)
     ids = np.unique(video_ids(files, check_crc=False))
@@ -170,36 +182,57 @@ def training_ids(run: Path, files: list[str]) -> np.ndarray:
 
 
 def check_overlap(members: list[str], holdout_files: list[str]) -> None:
-    """Refuses a holdout whose videos a member trained on: by file first, then by video id. A member whose
-    training data cannot be found is named in a warning: its overlap is unchecked."""
+    """Refuses a holdout whose videos a member learned from (a run's training data, an ensemble member's own
+    holdout): by file first, then by video id. A member whose data cannot be found is named in a warning:
+    its overlap is unchecked."""
     from yt8m.data.split import video_ids
 
     holdout_real = {os.path.realpath(f) for f in holdout_files}
     holdout_ids = None
     for member in members:
-        runs, unknown = training_runs(Path(member))
-        for run in runs:
-            train = training_files(run)
-            if train is None:
-                unknown.append(f"the training files of run {run} are not found from here")
+        sets, unknown = learned_from(Path(member))
+        for what, cache, files in sets:
+            if files is None:
+                unknown.append(f"the data of {what} is not found from here")
                 continue
-            shared = sorted(holdout_real & {os.path.realpath(f) for f in train})
+            shared = sorted(holdout_real & {os.path.realpath(f) for f in files})
             if shared:
-                raise ValueError(f"refusing the holdout: {len(shared)} of its files are training data of member "
-                                 f"{member} ({shared[0]}{', ...' if len(shared) > 1 else ''}); fit on data the "
-                                 "members did not train on (`yt8m split` carves a labelled set into disjoint parts)")
+                raise ValueError(f"refusing the holdout: {len(shared)} of its files are data that member {member} "
+                                 f"learned from ({what}: {shared[0]}{', ...' if len(shared) > 1 else ''}); fit on "
+                                 "data the members did not learn from (`yt8m split` carves disjoint parts)")
             if holdout_ids is None:
                 holdout_ids = np.unique(video_ids(holdout_files, check_crc=False))
-            overlap = np.intersect1d(holdout_ids, training_ids(run, train), assume_unique=True)
+            overlap = np.intersect1d(holdout_ids, training_ids(cache, files), assume_unique=True)
             if len(overlap):
                 shown = ", ".join(i.decode() for i in overlap[:5])
                 raise ValueError(f"refusing the holdout: {len(overlap)} of its {len(holdout_ids)} videos are in "
-                                 f"the training data of member {member} ({shown}"
+                                 f"the data that member {member} learned from ({what}; {shown}"
                                  f"{', ...' if len(overlap) > 5 else ''}); fit on videos the members did not "
-                                 "train on (`yt8m split` carves disjoint parts)")
+                                 "learn from (`yt8m split` carves disjoint parts)")
         if unknown:
-            warnings.warn(f"cannot check that member {member} did not train on the holdout: {'; '.join(unknown)}",
+            warnings.warn(f"cannot check that member {member} did not learn from the holdout: {'; '.join(unknown)}",
                           stacklevel=3)
+
+
+def run_levels(predictor) -> set[str]:
+    """The record levels (video, frame) that the runs inside `predictor` read; none for a store."""
+    if predictor.kind == "run":
+        return {predictor.level}
+    if predictor.kind == "ensemble":
+        return {level for member in predictor.members for level in run_levels(member)}
+    return set()
+
+
+def check_levels(predictors: list, names: list[str], files: list[str]) -> None:
+    """Refuses runs that cannot read `files`: a video-level model on frame-level records, or the reverse."""
+    level = data_level(files)
+    for predictor, name in zip(predictors, names):
+        other = run_levels(predictor) - {level}
+        if other:
+            raise ValueError(f"member {name} holds a {other.pop()}-level model and the data are {level}-level "
+                             "records: give that model as a prediction store covering these videos (`yt8m predict "
+                             "RUN --data ITS_LEVEL_RECORDS --scores STORE`; README, Ensembles, members of both "
+                             "levels)")
 
 
 def _check_output(output: Path, members: list[str], overwrite: bool) -> None:
@@ -230,6 +263,19 @@ def _publish(partial: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(partial, output)
+
+
+FEW_STEPS = 100  # fewer fitting steps than this barely move the gradient methods from where they start
+
+
+def _warn_few_steps(method: str, options: dict, num_videos: int) -> None:
+    if "epochs" not in options:
+        return
+    steps = -(-num_videos // options["batch_size"]) * options["epochs"]
+    if steps < FEW_STEPS:
+        warnings.warn(f"{method} makes {steps} fitting steps ({num_videos} holdout videos in batches of "
+                      f"{options['batch_size']}, {options['epochs']} epochs) and will barely leave its start (the "
+                      "mean): on a small holdout pass a smaller --fit-batch-size and more --epochs", stacklevel=3)
 
 
 MEMBERS_SCORED_PER_PASS = 16  # each member's Evaluator keeps O(videos x 20) entries: a pass scores this many
@@ -267,16 +313,17 @@ def fit_ensemble(method: str, members: list[str], holdout: list[str], output: st
 
     output = Path(output)
     options = method_options(method, options)
-    if not members:
-        raise ValueError("an ensemble needs at least one member (--members)")
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least 2 members (--members), got {len(members)}")
     if len({os.path.realpath(m) for m in members}) < len(members):
         raise ValueError("a member is named twice in --members")
     files = expand_paths(holdout)
     for member in members:
         source_kind(member)  # a clear error for a path that is nothing
     _check_output(output, members, overwrite)
-    check_overlap(members, files)
     predictors = [load_predictor(m, device=device, batch_size=batch_size) for m in members]
+    check_levels(predictors, members, files)
+    check_overlap(members, files)
     num_classes = {p.num_classes for p in predictors}
     if len(num_classes) > 1:
         raise ValueError("the members predict different numbers of classes: " +
@@ -294,6 +341,7 @@ def fit_ensemble(method: str, members: list[str], holdout: list[str], output: st
             data = StoreHoldout(stores, files, num_classes, needs_features, Path(workdir), progress)
             if data.num_videos == 0:
                 raise ValueError(f"the holdout ({len(files)} files) holds no video")
+            _warn_few_steps(method, options, data.num_videos)
             start = time.perf_counter()
             combiner = fit(method, data, options, progress=progress)
             fit_seconds = time.perf_counter() - start
@@ -303,7 +351,8 @@ def fit_ensemble(method: str, members: list[str], holdout: list[str], output: st
         record = {
             "format": FORMAT, "version": 1, "method": method, "options": options, "num_classes": num_classes,
             "top_k": top_k, "feature_dim": FEATURE_DIM if needs_features else None,
-            "members": [_member_record(m, output) for m in members],
+            "members": [{**_member_record(m, output), "digest": p.identity()["digest"]}
+                        for m, p in zip(members, predictors)],
             "member_weights": [round(w, 6) for w in member_weights(combiner).tolist()],
             "holdout": {"files": [os.path.realpath(f) for f in files], "digest": data_digest(files),
                         "num_videos": num_videos},
@@ -362,10 +411,14 @@ class EnsemblePredictor:
         self.combiner_digest = recorded_digest(self.path / COMBINER_FILE)
         self.members = [load_predictor(member_path(m, self.path), device=device, batch_size=batch_size)
                         for m in self.config["members"]]
-        for member in self.members:
+        for member, record in zip(self.members, self.config["members"]):
             if member.num_classes != self.num_classes:
                 raise ValueError(f"member {member.path} of {self.path} predicts {member.num_classes} classes, the "
                                  f"ensemble {self.num_classes}: was it replaced?")
+            if record.get("digest") and member.identity()["digest"] != record["digest"]:
+                warnings.warn(f"member {member.path} of ensemble {self.path} changed since the ensemble was fitted "
+                              "(retrained or replaced): its weights were fitted to the old one; fit it again",
+                              stacklevel=3)
 
     def identity(self) -> dict:
         """The combiner's digest and every member's: a retrained or replaced member changes it."""
@@ -377,6 +430,7 @@ class EnsemblePredictor:
 
     def predict(self, files: list[str], batch_size: int = 1024, progress: bool = True,
                 on_error: str = "raise") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        check_levels(self.members, [str(m.path) for m in self.members], files)
         stores = [member.scores(files, top_k=self.top_k, progress=progress) for member in self.members]
         with torch.inference_mode():
             for ids, probs, labels, features in joined(stores, files, self.num_classes, self.combiner.needs_features,

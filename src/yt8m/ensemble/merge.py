@@ -8,6 +8,7 @@ joined on video id: memory stays flat however many videos the files hold.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yt8m.ensemble.store import ScoreStore, write_store
+from yt8m.ensemble.store import MissingVideosError, ScoreStore, write_store
 from yt8m.train.inference import SubmissionWriter
 
 _ROWS_PER_BATCH = 4096
@@ -38,7 +39,10 @@ def read_rows(path: Path) -> Iterator[tuple[str, list[int], list[float]]]:
                 classes = [int(c) for c in values[::2]]
                 if any(c < 0 for c in classes):
                     raise ValueError("a negative class")
-                yield video_id, classes, [float(s) for s in values[1::2]]
+                scores = [float(s) for s in values[1::2]]
+                if not all(math.isfinite(s) for s in scores):
+                    raise ValueError("a score that is not a finite number")
+                yield video_id, classes, scores
             except ValueError as error:
                 raise ValueError(f"{path}, line {line}: expected VideoId,\"class score class score ...\" "
                                  f"({error})") from None
@@ -111,7 +115,15 @@ def merge_submissions(paths: Sequence[str | os.PathLike], output: str | os.PathL
             for start in range(0, first.num_videos, _ROWS_PER_BATCH):
                 rows = np.arange(start, min(start + _ROWS_PER_BATCH, first.num_videos))
                 ids = [i.decode() for i in first.ids[rows[0]:rows[-1] + 1]]
-                merged = sum(weight * store.dense(store.rows_of(ids)) for store, weight in zip(stores, weights))
+                merged = torch.zeros(len(ids), num_classes)
+                for path, store, weight in zip(paths, stores, weights):
+                    try:
+                        merged += weight * store.dense(store.rows_of(ids))
+                    except MissingVideosError as error:
+                        shown = ", ".join(error.missing[:5])
+                        raise ValueError(f"{path} and {paths[0]} hold different videos: {len(error.missing)} of "
+                                         f"the latter's are not in the former ({shown}); merged files must hold "
+                                         "the same videos") from None
                 writer.add(ids, merged)
     except BaseException:
         writer.abort()

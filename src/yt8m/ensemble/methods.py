@@ -415,12 +415,14 @@ def _progress(total: int, num_videos: int, desc: str, unit: str, progress: bool)
 
 
 def search_trials(num_members: int, trials: int, seed: int) -> torch.Tensor:
-    """[trials, M] the weights `search` tries: the flat mean, then Dirichlet(1) draws (normalised
-    Exp(1) draws) from `seed`."""
-    draws = torch.empty(trials - 1, num_members, dtype=torch.float64)
+    """[trials, M] the weights `search` tries: the flat mean, each member alone (so that the search never
+    ends below its best member on the holdout), then Dirichlet(1) draws (normalised Exp(1) draws) from
+    `seed`; the first `trials` of these."""
+    fixed = torch.cat([torch.full((1, num_members), 1 / num_members, dtype=torch.float64),
+                       torch.eye(num_members, dtype=torch.float64)])
+    draws = torch.empty(max(0, trials - len(fixed)), num_members, dtype=torch.float64)
     draws.exponential_(generator=torch.Generator().manual_seed(seed))
-    flat = torch.full((1, num_members), 1 / num_members, dtype=torch.float64)
-    return torch.cat([flat, draws / draws.sum(1, keepdim=True)]).float()
+    return torch.cat([fixed, draws / draws.sum(1, keepdim=True)])[:trials].float()
 
 
 ROWS_PER_PRODUCT = 4  # weight rows combined in one matrix product: the memory of 4 batches of scores
@@ -445,8 +447,8 @@ def _search(holdout: Holdout, options: dict, progress: bool) -> torch.Tensor:
 
     [skalic2018] §4.3 (the 2018 1st place) tried weights by random search on their validation
     holdout and report a range of 0.0005 GAP between the best found and a flat or weighted average;
-    how they drew the weights is not given: we draw uniformly over the simplex (Dirichlet(1)) and
-    start from the flat mean.
+    how they drew the weights is not given: we start from the flat mean and each member alone, then
+    draw uniformly over the simplex (Dirichlet(1)).
     """
     trials = search_trials(holdout.num_members, options["trials"], options["seed"])  # [T, M]
     with _progress(len(trials), holdout.num_videos, "fit search", "trial", progress) as bar:

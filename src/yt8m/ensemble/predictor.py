@@ -138,6 +138,7 @@ def cached_scores(predictor, files: list[str], top_k: int | None, progress: bool
     data's digest, the predictor's digest and k; computed and published there on a miss, each batch also
     handed to `on_batch(ids, probabilities, labels)` when given (a submission written in the same pass)."""
     identity = predictor.identity()
+    top_k = None if top_k is None or top_k >= predictor.num_classes else top_k  # dense either way
     digest = data_digest(files)
     cached = predictor.cache_folder() / f"{digest[:16]}-{identity['digest'][:16]}-top{top_k or 'all'}"
     if (cached / HEADER).is_file():
@@ -201,17 +202,22 @@ class RunPredictor:
     kind = "run"
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256):
-        from yt8m.train import load_model, resolve_device
-        from yt8m.train.checkpoint import file_digest, model_file, recorded_digest
+        from yt8m.train import load_checkpoint, resolve_device
+        from yt8m.train.checkpoint import file_digest, model_file, model_from_state, recorded_digest
 
         self.path = Path(path)
         self.device = resolve_device(device)
         self.model_file = model_file(self.path)
         self.model_digest = recorded_digest(self.model_file) or file_digest(self.model_file)
-        self.model = load_model(self.model_file)
+        state = load_checkpoint(self.model_file)
+        self.model = model_from_state(state, self.model_file)
         self.num_classes = self.model.num_classes
+        self.level = getattr(self.model, "level", "frame")
         self.batch_size = batch_size
-        self.max_frames = run_max_frames(self.path)
+        # the frames it trained and validated on: its checkpoint says, wherever the file was copied
+        trained = state.get("train_config", {}).get("max_frames") if isinstance(state.get("train_config"), dict) \
+            else None
+        self.max_frames = trained if isinstance(trained, int) and trained >= 1 else run_max_frames(self.path)
 
     def identity(self) -> dict:
         return {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),

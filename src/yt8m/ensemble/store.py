@@ -259,7 +259,7 @@ class ScoreStore:
         rows = np.asarray(rows, dtype=np.int64)
         ordered = bool(len(rows) < 2 or (np.diff(rows) == 1).all())
         take = (lambda a: a[rows[0]:rows[-1] + 1]) if ordered and len(rows) else (lambda a: a[rows])
-        scores = torch.from_numpy(np.asarray(take(self.scores), dtype=np.float32))
+        scores = torch.from_numpy(np.array(take(self.scores), dtype=np.float32))  # a copy: the map is read-only
         if self.classes is None:
             return scores
         classes = np.asarray(take(self.classes), dtype=np.int64)
@@ -282,8 +282,11 @@ class MissingVideosError(ValueError):
 
 
 def check_store_output(output: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuses `output` for a store: an existing one without `overwrite`, and anything but a store even with it."""
+    """Refuses `output` for a store: an existing one without `overwrite`, and anything but a store (or an
+    empty folder) even with it."""
     output = Path(output)
+    if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+        return
     if os.path.lexists(output):
         if not (output / HEADER).is_file() or output.is_symlink():
             raise FileExistsError(f"{output} exists and is not a prediction store: refusing to replace it even "
@@ -309,7 +312,7 @@ def copy_store(source: str | os.PathLike, output: str | os.PathLike, overwrite: 
     try:
         shutil.copytree(source, tmp, copy_function=_link_or_copy)
         if os.path.lexists(output):
-            shutil.rmtree(output)
+            shutil.rmtree(output)  # a store, or an empty folder (check_store_output)
         os.rename(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
