@@ -113,9 +113,9 @@ def scale_data(args, work: Path) -> tuple[list[str], list[str]]:
         path = work / "holdout" / f"holdout{start // batch:04d}.tfrecord"
         path.parent.mkdir(parents=True, exist_ok=True)
         features = rng.standard_normal((min(batch, videos - start), 1152)).astype(np.float32)
+        stop = min(start + batch, videos)
         write_examples(path, ({"id": ids[i], "labels": labels[i], "mean_rgb": features[i - start, :1024],
-                               "mean_audio": features[i - start, 1024:]} for i in range(start, min(start + batch, videos))),
-                       "video")
+                               "mean_audio": features[i - start, 1024:]} for i in range(start, stop)), "video")
         files.append(str(path))
     generator = torch.Generator().manual_seed(0)
     for member in range(args.members):

@@ -422,8 +422,10 @@ def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path 
 @click.option("--norm", type=click.Choice(["l1", "l2", "l3"]), default=None,
               help="ap_weighted: the norm of the per-class APs [default: l3].")
 @click.option("--trials", type=POSITIVE, default=None, help="search: random weight draws [default: 100].")
-@click.option("--epochs", type=POSITIVE, default=None, help="weighted, classwise, attention: passes over the holdout [default: 4].")
-@click.option("--lr", type=float, default=None, help="weighted, classwise, attention: Adam's learning rate [default: 0.01; attention 0.004].")
+@click.option("--epochs", type=POSITIVE, default=None,
+              help="weighted, classwise, attention: passes over the holdout [default: 4].")
+@click.option("--lr", type=float, default=None,
+              help="weighted, classwise, attention: Adam's learning rate [default: 0.01; attention 0.004].")
 @click.option("--num-mixtures", type=POSITIVE, default=None, help="attention: K, the low-rank matrices [default: 16].")
 @click.option("--rank", type=POSITIVE, default=None, help="attention: D, their rank [default: 4].")
 @click.option("--seed", type=int, default=None, help="search, weighted, classwise, attention [default: 0].")
@@ -506,7 +508,8 @@ def merge(submissions: tuple[Path, ...], output: Path, weights: str | None, top_
 
 @main.command()
 @click.argument("data", nargs=-1, required=True)
-@click.option("--into", "fractions", required=True, help="Splits and their fractions, e.g. train2=0.9,valid1=0.05,valid2=0.05.")
+@click.option("--into", "fractions", required=True,
+              help="Splits and their fractions, e.g. train2=0.9,valid1=0.05,valid2=0.05.")
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory of the splits: OUTPUT/NAME/NAME-00000.tfrecord, and split.json.")
 @click.option("--shard-size", type=POSITIVE, default=1024, show_default=True, help="Records per written shard.")
