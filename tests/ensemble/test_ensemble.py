@@ -291,3 +291,19 @@ def test_holdout_scores_do_not_depend_on_how_many_members_a_pass_scores(runs, ti
     one_by_one = fit_ensemble("mean", members, validate, tmp_path / "b", progress=False)["holdout_scores"]
     assert one_by_one == whole
     assert whole["members"][members[0]] != whole["members"][members[1]]
+
+
+def test_tta_is_a_run_option_and_caches_its_own_stores(runs, tiny_corpus, tmp_path):
+    validate = ",".join(frame_files(tiny_corpus, "validate"))
+    dbof, logistic = runs
+    assert load_predictor(dbof).model.train_sampling  # the starter's DBoF samples frames
+    one = json.loads(invoke("eval", dbof, "--data", validate, "--json"))
+    three = json.loads(invoke("eval", dbof, "--data", validate, "--json", "--tta", "3"))
+    assert one["num_videos"] == three["num_videos"] and one["gap"] != three["gap"]
+    assert "reads every frame" in usage_error("eval", logistic, "--data", validate, "--tta", "2")
+    fit_ensemble("mean", [str(r) for r in runs], frame_files(tiny_corpus, "validate"), tmp_path / "ens",
+                 progress=False)
+    assert "applies to a run" in usage_error("eval", tmp_path / "ens", "--data", validate, "--tta", "2")
+    plain = load_predictor(dbof).scores(frame_files(tiny_corpus, "test"), top_k=5, progress=False)
+    averaged = load_predictor(dbof, tta=3).scores(frame_files(tiny_corpus, "test"), top_k=5, progress=False)
+    assert plain.path != averaged.path and averaged.source["tta"] == 3

@@ -211,3 +211,35 @@ def test_a_model_that_samples_at_evaluation_sees_the_same_frames_every_time(tiny
             torch.testing.assert_close(p, by_id[video], rtol=1e-5, atol=1e-6)  # the batch's float rounding only
     sampled.eval_sampling = None  # sample_at_eval=False: every frame
     assert not torch.allclose(probabilities(sampled), first)
+
+
+def sampling_dbof() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build("dbof", num_classes=NUM_CLASSES, from_preset=False, num_clusters=16, hidden_size=8,
+                 train_frames=5).eval()
+
+
+def test_test_time_averaging_is_the_mean_over_seeded_frame_samples(tiny_corpus):
+    frames = [str(p) for p in tiny_corpus.files["frame"]["validate"]]
+    model = sampling_dbof()
+
+    def run(**options):
+        return [(ids, p) for ids, p, _ in predict_batches(model, frames, NUM_CLASSES, CPU, batch_size=5,
+                                                          progress=False, **options)]
+
+    averaged = run(tta=3)
+    singles = [run(seed=seed) for seed in range(3)]
+    for (ids, probabilities), *draws in zip(averaged, *singles):
+        assert all(draw_ids == ids for draw_ids, _ in draws)
+        torch.testing.assert_close(probabilities, sum(p for _, p in draws) / 3)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(averaged, run(tta=3)))  # deterministic
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(averaged, singles[0]))  # the samples differ
+
+
+def test_test_time_averaging_refuses_a_model_that_reads_every_frame(tiny_corpus):
+    frames = [str(p) for p in tiny_corpus.files["frame"]["validate"]]
+    model = build("frame_logistic", num_classes=NUM_CLASSES).eval()
+    with pytest.raises(ValueError, match="reads every frame"):
+        next(predict_batches(model, frames, NUM_CLASSES, CPU, progress=False, tta=2))
+    with pytest.raises(ValueError, match="positive number"):
+        next(predict_batches(model, frames, NUM_CLASSES, CPU, progress=False, tta=0))

@@ -201,7 +201,8 @@ class RunPredictor:
 
     kind = "run"
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256,
+                 tta: int = 1):
         from yt8m.train import load_checkpoint, resolve_device
         from yt8m.train.checkpoint import file_digest, model_file, model_from_state, recorded_digest
 
@@ -218,10 +219,18 @@ class RunPredictor:
         trained = state.get("train_config", {}).get("max_frames") if isinstance(state.get("train_config"), dict) \
             else None
         self.max_frames = trained if isinstance(trained, int) and trained >= 1 else run_max_frames(self.path)
+        self.tta = tta
+        if tta > 1 and not getattr(self.model, "train_sampling", None):
+            raise ValueError(f"--tta {tta}: the model of {self.path} ({self.model.config.get('name')}) reads every "
+                             "frame, so every sample would be the same; test-time averaging applies to models that "
+                             "sample frames (train_frames, or a preset that samples)")
 
     def identity(self) -> dict:
-        return {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),
-                "model": self.model.config.get("name"), "digest": self.model_digest}
+        identity = {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),
+                    "model": self.model.config.get("name"), "digest": self.model_digest}
+        if self.tta > 1:  # other predictions, another store
+            identity.update(tta=self.tta, digest=digest_of(self.model_digest, self.tta))
+        return identity
 
     def cache_folder(self) -> Path:
         """RUN/scores/ (a checkpoint's run for a checkpoint); a process-wide temporary folder for a model
@@ -236,7 +245,7 @@ class RunPredictor:
         self.model.to(self.device)
         return predict_batches(self.model, files, self.num_classes, self.device, batch_size=batch_size or
                                self.batch_size, max_frames=self.max_frames, progress=progress, on_error=on_error,
-                               desc=desc or f"predict {self.path.name}")
+                               desc=desc or f"predict {self.path.name}", tta=self.tta)
 
     def scores(self, files: list[str], top_k: int | None, progress: bool = True) -> ScoreStore:
         return cached_scores(self, files, top_k, progress)
@@ -279,16 +288,21 @@ def source_kind(path: str | os.PathLike) -> str:
     raise FileNotFoundError(f"no run, ensemble or prediction store at {path}")
 
 
-def load_predictor(path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256):
-    """A run directory, checkpoint or model file, prediction store, or ensemble directory, as a predictor."""
+def load_predictor(path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256,
+                   tta: int = 1):
+    """A run directory, checkpoint or model file, prediction store, or ensemble directory, as a predictor;
+    `tta` > 1 (test-time averaging over frame samples) for a run only."""
     kind = source_kind(path)
+    if tta > 1 and kind != "run":
+        raise ValueError(f"--tta applies to a run or model file, not to {'an' if kind == 'ensemble' else 'a'} "
+                         f"{kind} ({path})")
     if kind == "store":
         return StorePredictor(path)
     if kind == "ensemble":
         from yt8m.ensemble.ensemble import EnsemblePredictor
 
         return EnsemblePredictor(path, device=device, batch_size=batch_size)
-    return RunPredictor(path, device=device, batch_size=batch_size)
+    return RunPredictor(path, device=device, batch_size=batch_size, tta=tta)
 
 
 __all__ = ["ENSEMBLE_FILE", "RunPredictor", "SCORES_DIR", "StorePredictor", "cached_scores", "data_level",

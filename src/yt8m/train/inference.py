@@ -65,28 +65,45 @@ EVAL_SEED = 0  # the starter's eval.py: tf.set_random_seed(0)
 
 def predict_batches(model: nn.Module, data, num_classes: int, device: torch.device, batch_size: int = 256,
                     max_frames: int = 300, precision: str = "fp32", num_workers: int = 0, on_error: str = "raise",
-                    progress: bool = True, desc: str = "predict") -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+                    progress: bool = True, desc: str = "predict", tta: int = 1,
+                    seed: int = EVAL_SEED) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """Yield (ids, probabilities [B, C] float32 on the CPU, labels [B, C]) over all records of `data`.
 
     A model that samples frames at evaluation (`model.eval_sampling`, as the starter's DBoF and WILLOW's
-    models) sees each video's frames drawn from EVAL_SEED and the video's id: the same frames whatever the
-    other videos, their order, the batch size or the workers. `on_error="skip"` skips corrupt records with a warning; the progress bar shows the
-    batches of the pass against their total, an ETA and videos per second.
+    models) sees each video's frames drawn from `seed` (EVAL_SEED) and the video's id: the same frames
+    whatever the other videos, their order, the batch size or the workers. With `tta` N > 1 (test-time
+    averaging, the 2018 4th place's +0.0005), a model that samples frames in training
+    (`model.train_sampling`) predicts each video from N samples drawn so, from seeds `seed` to `seed + N - 1`,
+    and the N probabilities are averaged; a model that reads every frame is a ValueError (nothing would
+    change). `on_error="skip"` skips corrupt records with a warning; the progress bar shows the batches of
+    the pass against their total, an ETA and videos per second.
     """
+    if tta < 1:
+        raise ValueError(f"tta: expected a positive number of frame samples, found {tta}")
     sampling = getattr(model, "eval_sampling", None) or {"sampling": "all"}
+    if tta > 1:
+        sampling = getattr(model, "train_sampling", None)
+        if not sampling:
+            raise ValueError(f"--tta {tta}: model {type(model).__name__} reads every frame, so every sample would "
+                             "be the same; test-time averaging applies to models that sample frames "
+                             "(train_frames, or a preset that samples)")
     # every record, even inside a distributed run (where rank 0 validates alone)
-    loader = make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
-                         num_classes=num_classes, num_workers=num_workers, on_error=on_error, rank=0, world_size=1,
-                         seed=EVAL_SEED, seed_per_video=True, **sampling)
+    loaders = [make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
+                           num_classes=num_classes, num_workers=num_workers, on_error=on_error, rank=0,
+                           world_size=1, seed=seed + draw, seed_per_video=True, **sampling) for draw in range(tta)]
     model.eval()
-    with torch.inference_mode(), tqdm(total=progress_total(loader), desc=desc, unit="batch", disable=not progress,
-                                      leave=False) as bar:
+    with torch.inference_mode(), tqdm(total=progress_total(loaders[0]), desc=desc, unit="batch",
+                                      disable=not progress, leave=False) as bar:
         start, videos = time.perf_counter(), 0
-        for batch in loader:
-            ready = prepare_batch(batch, device)
-            with autocast(device, precision):
-                logits = model(ready["rgb"], ready["audio"], ready["num_frames"])
-            yield batch["id"], torch.sigmoid(logits.float()).cpu(), batch["labels"]
+        for draws in zip(*loaders):  # the same videos in the same order, each with its own frames
+            probabilities = 0
+            for batch in draws:
+                ready = prepare_batch(batch, device)
+                with autocast(device, precision):
+                    logits = model(ready["rgb"], ready["audio"], ready["num_frames"])
+                probabilities = probabilities + torch.sigmoid(logits.float()).cpu()
+            batch = draws[0]
+            yield batch["id"], probabilities / tta if tta > 1 else probabilities, batch["labels"]
             videos += len(batch["id"])
             bar.set_postfix({"videos/s": f"{videos / (time.perf_counter() - start):.0f}"}, refresh=False)
             bar.update()
