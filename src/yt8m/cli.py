@@ -125,14 +125,15 @@ def _protected(source: Path) -> list[Path]:
     return [run, digest_path(run)] if run.is_file() else [run]
 
 
-def _load_predictor(source: Path, device: str, batch_size: int, what: str = "RUN", tta: int = 1):
+def _load_predictor(source: Path, device: str, batch_size: int, what: str = "RUN", tta: int = 1,
+                    weights: str | None = None):
     """The predictor of SOURCE (a run, checkpoint or model file, ensemble or prediction store)."""
     from yt8m.ensemble import load_predictor
 
     if not source.exists():
         raise click.BadParameter(f"no run directory, model file, ensemble or prediction store at {source}",
                                  param_hint=what)
-    return load_predictor(source, device=device, batch_size=batch_size, tta=tta)
+    return load_predictor(source, device=device, batch_size=batch_size, tta=tta, weights=weights)
 
 
 def _run_config(output: Path, model: str, num_classes: int | None) -> dict:
@@ -307,10 +308,13 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--tta", type=POSITIVE, default=1, show_default=True,
               help="Average the probabilities of N random frame samples per video (models that sample frames).")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
+              help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema when it "
+                   "has them].")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @usage_errors
 def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None, top_k: int, batch_size: int,
-                     device: str, tta: int, as_json: bool) -> None:
+                     device: str, tta: int, weights: str | None, as_json: bool) -> None:
     """Score RUN (a run directory, a checkpoint or model file, an ensemble directory or a prediction store) on
     --data: GAP@20, mAP, Hit@1, PERR. Warns when some videos have no labels."""
     import json
@@ -325,7 +329,7 @@ def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None
         raise click.BadParameter(f"{store} is not a prediction store (a folder with header.json, as `predict "
                                  "--scores` writes); give a run or an ensemble as RUN", param_hint="--scores")
     files = _resolve_data(_patterns(data), "--data")
-    predictor = _load_predictor(run or store, device, batch_size, "--scores" if store else "RUN", tta)
+    predictor = _load_predictor(run or store, device, batch_size, "--scores" if store else "RUN", tta, weights)
     if predictor.kind == "store" and predictor.store.top_k is not None and predictor.store.top_k < top_k:
         warnings.warn(f"{store} keeps {predictor.store.top_k} classes a video, fewer than the {top_k} of GAP@{top_k}: "
                       "the others score 0 (write the store with --scores-top-k >= 20)", stacklevel=2)
@@ -372,9 +376,12 @@ SCORES_TOP_K_HELP = "Classes kept per video in a store: a positive integer, or a
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--tta", type=POSITIVE, default=1, show_default=True,
               help="Average the probabilities of N random frame samples per video (models that sample frames).")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
+              help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema when it "
+                   "has them].")
 @usage_errors
 def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path | None, scores_top_k: str,
-            overwrite: bool, top_k: int, batch_size: int, device: str, tta: int) -> None:
+            overwrite: bool, top_k: int, batch_size: int, device: str, tta: int, weights: str | None) -> None:
     """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) of RUN (a run directory, a
     checkpoint or model file, an ensemble directory or a prediction store) for --data, and/or its prediction
     store (--scores). Both come from one pass over the data; a run's or an ensemble's store is cached in it."""
@@ -395,7 +402,7 @@ def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path 
         check_output(output, files, protect, overwrite)
         if scores is not None and os.path.realpath(output) == os.path.realpath(scores):
             raise click.BadParameter("--output and --scores name the same path", param_hint="--scores")
-    predictor = _load_predictor(run, device, batch_size, tta=tta)
+    predictor = _load_predictor(run, device, batch_size, tta=tta, weights=weights)
     submission = SubmissionWriter(output, predictor.num_classes, top_k, overwrite, protect, files) if output else None
     try:
         if scores is not None:

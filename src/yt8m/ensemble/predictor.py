@@ -202,7 +202,7 @@ class RunPredictor:
     kind = "run"
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256,
-                 tta: int = 1):
+                 tta: int = 1, weights: str | None = None):
         from yt8m.train import load_checkpoint, resolve_device
         from yt8m.train.checkpoint import file_digest, model_file, model_from_state, recorded_digest
 
@@ -211,7 +211,14 @@ class RunPredictor:
         self.model_file = model_file(self.path)
         self.model_digest = recorded_digest(self.model_file) or file_digest(self.model_file)
         state = load_checkpoint(self.model_file)
-        self.model = model_from_state(state, self.model_file)
+        if weights not in (None, "ema", "raw"):
+            raise ValueError(f"weights: expected ema or raw, found {weights!r}")
+        if weights == "ema" and not state.get("ema"):
+            raise ValueError(f"{self.model_file} holds no EMA weights (the run trained without ema_halflife); "
+                             "use --weights raw")
+        self.weights = "ema" if state.get("ema") and weights != "raw" else "raw"  # a run's EMA, when it has one
+        self.model = model_from_state({**state, "model": state["ema"]["model"]} if self.weights == "ema" else state,
+                                      self.model_file)
         self.num_classes = self.model.num_classes
         self.level = getattr(self.model, "level", "frame")
         self.batch_size = batch_size
@@ -228,8 +235,9 @@ class RunPredictor:
     def identity(self) -> dict:
         identity = {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),
                     "model": self.model.config.get("name"), "digest": self.model_digest}
-        if self.tta > 1:  # other predictions, another store
-            identity.update(tta=self.tta, digest=digest_of(self.model_digest, self.tta))
+        if self.tta > 1 or self.weights == "ema":  # other predictions, another store
+            identity.update(tta=self.tta, weights=self.weights,
+                            digest=digest_of(self.model_digest, self.tta, self.weights))
         return identity
 
     def cache_folder(self) -> Path:
@@ -289,20 +297,21 @@ def source_kind(path: str | os.PathLike) -> str:
 
 
 def load_predictor(path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256,
-                   tta: int = 1):
+                   tta: int = 1, weights: str | None = None):
     """A run directory, checkpoint or model file, prediction store, or ensemble directory, as a predictor;
     `tta` > 1 (test-time averaging over frame samples) for a run only."""
     kind = source_kind(path)
-    if tta > 1 and kind != "run":
-        raise ValueError(f"--tta applies to a run or model file, not to {'an' if kind == 'ensemble' else 'a'} "
-                         f"{kind} ({path})")
+    for option, given in (("--tta", tta > 1), ("--weights", weights is not None)):
+        if given and kind != "run":
+            raise ValueError(f"{option} applies to a run or model file, not to {'an' if kind == 'ensemble' else 'a'} "
+                             f"{kind} ({path})")
     if kind == "store":
         return StorePredictor(path)
     if kind == "ensemble":
         from yt8m.ensemble.ensemble import EnsemblePredictor
 
         return EnsemblePredictor(path, device=device, batch_size=batch_size)
-    return RunPredictor(path, device=device, batch_size=batch_size, tta=tta)
+    return RunPredictor(path, device=device, batch_size=batch_size, tta=tta, weights=weights)
 
 
 __all__ = ["ENSEMBLE_FILE", "RunPredictor", "SCORES_DIR", "StorePredictor", "cached_scores", "data_level",

@@ -63,6 +63,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_batch_size: int = 256
     on_error: str = "raise"             # raise | skip (corrupt records)
+    ema_halflife: float | None = None   # steps: EMA shadow weights and BatchNorm buffers, decay 1 - 1/halflife
 
     def __post_init__(self):
         for name, annotation in _field_types().items():  # types first: the checks below compare values
@@ -85,6 +86,8 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.ema_halflife is None or self.ema_halflife > 1,
+             f"ema_halflife must be > 1 (steps; decay 1 - 1/halflife), got {self.ema_halflife}"),
             (self.max_frames >= 1, f"max_frames must be >= 1, got {self.max_frames}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),

@@ -69,6 +69,26 @@ def staircase_lr(config: TrainConfig, base_lr: float, examples_seen: int) -> flo
     return base_lr * config.lr_decay ** (examples_seen // config.lr_decay_examples)
 
 
+def ema_model(model: nn.Module, halflife: float | None, saved: dict | None = None):
+    """The EMA shadow of `model` (torch.optim.swa_utils.AveragedModel, decay 1 - 1/halflife, over parameters and
+    buffers, BatchNorm's included), restored from a checkpoint's `saved` EMA state; None without a halflife.
+    Its first update copies the model (AveragedModel's rule), each later one is ema = decay * ema +
+    (1 - decay) * weights (2018 1st place §4.1)."""
+    if halflife is None:
+        return None
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(1 - 1 / halflife), use_buffers=True)
+    if saved is not None:
+        ema.module.load_state_dict(saved["model"])
+        ema.n_averaged.fill_(saved["n_averaged"])
+    return ema
+
+
+def ema_state(ema) -> dict | None:
+    """What a checkpoint or model file keeps of the EMA: the shadow model's state dict and its update count."""
+    return None if ema is None else {"model": ema.module.state_dict(), "n_averaged": int(ema.n_averaged)}
+
+
 def clip_gradients(model: nn.Module, mode: str, max_norm: float) -> torch.Tensor:
     """Clips gradient norms in place; returns the global norm before clipping (to check it is finite)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -359,12 +379,13 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved the states with the weights
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all([rng.cpu() for rng in state["rng"]["cuda"]])
+    ema = ema_model(model, config.ema_halflife, state.get("ema") if state is not None else None)
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(wrapped) if config.compile else wrapped
 
     def state_dict(epoch: int, batches_in_epoch: int) -> dict:
         return {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema_state(ema), "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen, "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch,
                 "rng": {"torch": torch.get_rng_state(),
@@ -462,6 +483,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                             scaler.update()
                         else:
                             optimizer.step()
+                        if ema is not None:
+                            ema.update_parameters(model)
                         step += 1
                         epoch_steps += 1
                         epoch_examples += len(batch["id"])
@@ -503,7 +526,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                 else:
                     checkpoint(epoch + 1, 0)
                 if config.valid_data is not None and main_rank:
-                    summary["valid"] = evaluate(model, config.valid_data, config.num_classes, device,
+                    summary["valid"] = evaluate(ema.module if ema is not None else model, config.valid_data,
+                                                config.num_classes, device,
                                                 batch_size=config.eval_batch_size, max_frames=config.max_frames,
                                                 precision=config.precision, progress=progress,
                                                 on_error=config.on_error)
@@ -522,7 +546,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                     break
         if main_rank:
             ensure_finite_weights(FINAL_MODEL)
-            atomic_save({"model": model.state_dict(), "model_config": model.config,
+            atomic_save({"model": model.state_dict(), "model_config": model.config, "ema": ema_state(ema),
                          "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen},
                         run_dir / FINAL_MODEL)
         if world_size > 1:  # no rank leaves (and closes its connections) while another still works
