@@ -64,6 +64,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     on_error: str = "raise"             # raise | skip (corrupt records)
     ema_halflife: float | None = None   # steps: EMA shadow weights and BatchNorm buffers, decay 1 - 1/halflife
+    distill_from: str | None = None     # a prediction store of a teacher on the training data (predict --scores)
+    distill_weight: float = 0.5         # lambda: lambda * BCE(labels, p) + (1 - lambda) * BCE(teacher, p)
 
     def __post_init__(self):
         for name, annotation in _field_types().items():  # types first: the checks below compare values
@@ -86,6 +88,7 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
             (self.ema_halflife is None or self.ema_halflife > 1,
              f"ema_halflife must be > 1 (steps; decay 1 - 1/halflife), got {self.ema_halflife}"),
             (self.max_frames >= 1, f"max_frames must be >= 1, got {self.max_frames}"),

@@ -104,19 +104,35 @@ def clip_gradients(model: nn.Module, mode: str, max_norm: float) -> torch.Tensor
     return total
 
 
+def distillation_targets(teacher, ids: list[str], labels: torch.Tensor, weight: float) -> torch.Tensor:
+    """`weight * labels + (1 - weight) * teacher`: binary cross-entropy is linear in its target, so the loss on
+    these targets is lambda * BCE(labels, p) + (1 - lambda) * BCE(teacher, p) (offline distillation, 2018 1st
+    place and 2017 2nd place). `teacher` is a prediction store, joined on video id (0 outside its top k)."""
+    from yt8m.ensemble.store import MissingVideosError
+
+    try:
+        rows = teacher.rows_of(ids)
+    except MissingVideosError as error:
+        raise TrainingError(f"training video {error.missing[0]} has no teacher score in {teacher.path} "
+                            f"(distill_from; {len(error.missing)} of this batch's {len(ids)}): write the teacher's "
+                            "store on the training data, `yt8m predict TEACHER --data TRAIN --scores STORE`") from None
+    return weight * labels + (1 - weight) * teacher.dense(rows).to(labels.device)
+
+
 def forward_backward(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-                     config: TrainConfig, device: torch.device,
-                     scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     config: TrainConfig, device: torch.device, scaler: torch.amp.GradScaler | None = None,
+                     targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step up to the update: forward, loss (+ L2 on the classifier), backward, clip.
 
     `forward` is the model as called (wrapped by DDP or torch.compile); `batch` is dequantized
     on the device. With a gradient `scaler` (fp16), the loss is scaled for the backward pass and
     the gradients unscaled before clipping; `scaler.step(optimizer)` then skips an update whose
-    gradients overflowed. Returns (loss, logits, global gradient norm before clipping).
+    gradients overflowed. `targets` replace the labels in the loss (distillation's soft targets).
+    Returns (loss, logits, global gradient norm before clipping).
     """
     with autocast(device, config.precision):
         outputs = forward(batch["rgb"], batch["audio"], batch["num_frames"])
-        loss = model.loss(outputs, batch["labels"])  # a model with members adds its own terms
+        loss = model.loss(outputs, batch["labels"] if targets is None else targets)  # members add their own terms
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs
     penalty = sum(w.float().pow(2).sum() for w in model.classifier_weights()) * (config.l2 / 2)
     optimizer.zero_grad(set_to_none=True)
@@ -380,6 +396,14 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all([rng.cpu() for rng in state["rng"]["cuda"]])
     ema = ema_model(model, config.ema_halflife, state.get("ema") if state is not None else None)
+    teacher = None
+    if config.distill_from is not None:
+        from yt8m.ensemble.store import ScoreStore
+
+        teacher = ScoreStore(config.distill_from)
+        if teacher.num_classes != config.num_classes:
+            raise ValueError(f"distill_from: {teacher.path} scores {teacher.num_classes} classes, the run "
+                             f"{config.num_classes}")
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(wrapped) if config.compile else wrapped
 
@@ -467,8 +491,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                             single_videos += 1
                             continue
                         batch = prepare_batch(batch, device)
+                        targets = None if teacher is None else \
+                            distillation_targets(teacher, batch["id"], batch["labels"], config.distill_weight)
                         loss, logits, grad_norm = forward_backward(model, forward, optimizer, batch, config, device,
-                                                                   scaler)
+                                                                   scaler, targets)
                         overflow = scaler is not None and not torch.isfinite(grad_norm)  # the scaler skips it
                         if not (torch.isfinite(loss) and (overflow or torch.isfinite(grad_norm))):
                             what = f"loss is {loss.item()}" if not torch.isfinite(loss) else \
