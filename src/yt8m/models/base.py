@@ -48,9 +48,13 @@ class VideoClassifier(nn.Module):
     def forward(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(rgb, audio, num_frames))
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy summed over classes, averaged over the batch."""
-        return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / labels.shape[0]
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Binary cross-entropy summed over classes, averaged over the batch; with per-example `weights` [B]
+        (bagging, boosting), each example's sum is weighted."""
+        if weights is None:
+            return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / labels.shape[0]
+        per_example = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none").sum(1)  # [B]
+        return (weights.to(per_example.dtype) * per_example).sum() / labels.shape[0]
 
     def classifier_weights(self) -> list[torch.Tensor]:
         """The weights that the L2 penalty of the training loop applies to."""

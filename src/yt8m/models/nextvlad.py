@@ -163,14 +163,17 @@ class NeXtVLADModel(UnwhiteningClassifier):
         return self.gating(self.hidden_norm(self.hidden(self.dropout(pooled))))  # [B, H]
 
 
-def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`sum_m KL(softmax(z_e / T) || softmax(z_m / T))`, softmax over classes, averaged over the batch.
+def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`sum_m KL(softmax(z_e / T) || softmax(z_m / T))`, softmax over classes, averaged over the batch
+    (each example weighted by `weights` [B] when given).
 
     teacher_logits [B, C], student_logits [B, M, C] -> scalar. Gradients reach both sides.
     """
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1).unsqueeze(1)  # [B, 1, C]
     students = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [B, M, C]
-    return (teacher.exp() * (teacher - students)).sum((1, 2)).mean()
+    per_example = (teacher.exp() * (teacher - students)).sum((1, 2))  # [B]
+    return per_example.mean() if weights is None else (weights.to(per_example.dtype) * per_example).mean()
 
 
 def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -227,17 +230,21 @@ class DistilledMixture(UnwhiteningClassifier):
             return logits
         return {"logits": logits, "member_logits": member_logits, "members": outputs}
 
-    def loss(self, outputs: torch.Tensor | dict, labels: torch.Tensor) -> torch.Tensor:
-        """The mixture's loss (see the class); on eval-mode logits, their binary cross-entropy."""
+    def loss(self, outputs: torch.Tensor | dict, labels: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixture's loss (see the class); on eval-mode logits, their binary cross-entropy. Per-example
+        `weights` [B] weight every term alike."""
         if not isinstance(outputs, dict):
-            return super().loss(outputs, labels)
-        loss = super().loss(outputs["logits"], labels)
+            return super().loss(outputs, labels, weights)
+        loss = super().loss(outputs["logits"], labels, weights)
         for member, output in zip(self.members, outputs["members"]):
             member_device = _placement(member)[0]
-            loss = loss + member.loss(output, labels.to(member_device)).to(loss.device)
+            member_weights = None if weights is None else weights.to(member_device)
+            loss = loss + member.loss(output, labels.to(member_device), member_weights).to(loss.device)
         if self.temperature > 0:
             weight = self.temperature ** 2 if self.distillation_weight is None else self.distillation_weight
-            loss = loss + weight * distillation_loss(outputs["logits"], outputs["member_logits"], self.temperature)
+            loss = loss + weight * distillation_loss(outputs["logits"], outputs["member_logits"], self.temperature,
+                                                     weights)
         return loss
 
     def classifier_weights(self) -> list[torch.Tensor]:

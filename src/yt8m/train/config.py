@@ -66,6 +66,7 @@ class TrainConfig:
     ema_halflife: float | None = None   # steps: EMA shadow weights and BatchNorm buffers, decay 1 - 1/halflife
     distill_from: str | None = None     # a prediction store of a teacher on the training data (predict --scores)
     distill_weight: float = 0.5         # lambda: lambda * BCE(labels, p) + (1 - lambda) * BCE(teacher, p)
+    bag_seed: int | None = None         # bagging: per-example Poisson(1) bootstrap weights from this seed and the id
 
     def __post_init__(self):
         for name, annotation in _field_types().items():  # types first: the checks below compare values
@@ -89,6 +90,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
+            (self.bag_seed is None or 0 <= self.bag_seed < 2**32,
+             f"bag_seed must be in [0, 2**32), got {self.bag_seed}"),
             (self.ema_halflife is None or self.ema_halflife > 1,
              f"ema_halflife must be > 1 (steps; decay 1 - 1/halflife), got {self.ema_halflife}"),
             (self.max_frames >= 1, f"max_frames must be >= 1, got {self.max_frames}"),

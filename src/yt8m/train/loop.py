@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -119,20 +120,32 @@ def distillation_targets(teacher, ids: list[str], labels: torch.Tensor, weight: 
     return weight * labels + (1 - weight) * teacher.dense(rows).to(labels.device)
 
 
+def bag_weights(ids: list[str], seed: int) -> torch.Tensor:
+    """Bagging's bootstrap as per-example weights [B]: each video's count of draws, Poisson(1) (the streaming
+    bootstrap: a sample of N draws with replacement out of N videos gives each a Binomial(N, 1/N) count,
+    Poisson(1) as N grows), from a generator seeded by `seed` and the CRC-32 of the video id, so that a
+    video weighs the same in every epoch, on every rank and worker, without a pass over the data."""
+    return torch.tensor([float(np.random.default_rng([seed, zlib.crc32(i.encode())]).poisson(1.0)) for i in ids])
+
+
 def forward_backward(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                      config: TrainConfig, device: torch.device, scaler: torch.amp.GradScaler | None = None,
-                     targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     targets: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step up to the update: forward, loss (+ L2 on the classifier), backward, clip.
 
     `forward` is the model as called (wrapped by DDP or torch.compile); `batch` is dequantized
     on the device. With a gradient `scaler` (fp16), the loss is scaled for the backward pass and
     the gradients unscaled before clipping; `scaler.step(optimizer)` then skips an update whose
-    gradients overflowed. `targets` replace the labels in the loss (distillation's soft targets).
+    gradients overflowed. `targets` replace the labels in the loss (distillation's soft targets);
+    `weights` [B] weight each example's loss (bagging).
     Returns (loss, logits, global gradient norm before clipping).
     """
     with autocast(device, config.precision):
         outputs = forward(batch["rgb"], batch["audio"], batch["num_frames"])
-        loss = model.loss(outputs, batch["labels"] if targets is None else targets)  # members add their own terms
+        # the one path of per-example weights; a model with members adds its own terms
+        labels = batch["labels"] if targets is None else targets
+        loss = model.loss(outputs, labels) if weights is None else model.loss(outputs, labels, weights)
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs
     penalty = sum(w.float().pow(2).sum() for w in model.classifier_weights()) * (config.l2 / 2)
     optimizer.zero_grad(set_to_none=True)
@@ -493,8 +506,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                         batch = prepare_batch(batch, device)
                         targets = None if teacher is None else \
                             distillation_targets(teacher, batch["id"], batch["labels"], config.distill_weight)
+                        weights = None if config.bag_seed is None else \
+                            bag_weights(batch["id"], config.bag_seed).to(device)
                         loss, logits, grad_norm = forward_backward(model, forward, optimizer, batch, config, device,
-                                                                   scaler, targets)
+                                                                   scaler, targets, weights)
                         overflow = scaler is not None and not torch.isfinite(grad_norm)  # the scaler skips it
                         if not (torch.isfinite(loss) and (overflow or torch.isfinite(grad_norm))):
                             what = f"loss is {loss.item()}" if not torch.isfinite(loss) else \
