@@ -67,6 +67,9 @@ class TrainConfig:
     distill_from: str | None = None     # a prediction store of a teacher on the training data (predict --scores)
     distill_weight: float = 0.5         # lambda: lambda * BCE(labels, p) + (1 - lambda) * BCE(teacher, p)
     bag_seed: int | None = None         # bagging: per-example Poisson(1) bootstrap weights from this seed and the id
+    boost_from: str | list[str] | None = None  # boosting: the earlier rounds' prediction stores on the training data
+    boost_alpha: float = 1.0            # w = exp(alpha * r * (1 - PERR)) per round, renormalised to mean 1,
+    boost_clip: float = 5.0             # and clipped at boost_clip
 
     def __post_init__(self):
         for name, annotation in _field_types().items():  # types first: the checks below compare values
@@ -90,6 +93,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
+            (self.boost_alpha > 0, f"boost_alpha must be > 0, got {self.boost_alpha}"),
+            (self.boost_clip >= 1, f"boost_clip must be >= 1 (weights have mean 1), got {self.boost_clip}"),
             (self.bag_seed is None or 0 <= self.bag_seed < 2**32,
              f"bag_seed must be in [0, 2**32), got {self.bag_seed}"),
             (self.ema_halflife is None or self.ema_halflife > 1,

@@ -128,6 +128,15 @@ def bag_weights(ids: list[str], seed: int) -> torch.Tensor:
     return torch.tensor([float(np.random.default_rng([seed, zlib.crc32(i.encode())]).poisson(1.0)) for i in ids])
 
 
+def example_weights(batch: dict, config: TrainConfig, booster, device: torch.device) -> torch.Tensor | None:
+    """The per-example loss weights [B] of a batch (bagging's counts times boosting's weights), None if neither."""
+    weights = None if config.bag_seed is None else bag_weights(batch["id"], config.bag_seed)
+    if booster is not None:
+        boosted = booster.weights(batch["id"], batch["labels"].cpu())
+        weights = boosted if weights is None else weights * boosted
+    return None if weights is None else weights.to(device)
+
+
 def forward_backward(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                      config: TrainConfig, device: torch.device, scaler: torch.amp.GradScaler | None = None,
                      targets: torch.Tensor | None = None,
@@ -409,6 +418,12 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all([rng.cpu() for rng in state["rng"]["cuda"]])
     ema = ema_model(model, config.ema_halflife, state.get("ema") if state is not None else None)
+    booster = None
+    if config.boost_from:
+        from yt8m.train.boosting import Booster
+
+        booster = Booster(config.boost_from, config.train_data, config.num_classes, config.boost_alpha,
+                          config.boost_clip)
     teacher = None
     if config.distill_from is not None:
         from yt8m.ensemble.store import ScoreStore
@@ -506,8 +521,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                         batch = prepare_batch(batch, device)
                         targets = None if teacher is None else \
                             distillation_targets(teacher, batch["id"], batch["labels"], config.distill_weight)
-                        weights = None if config.bag_seed is None else \
-                            bag_weights(batch["id"], config.bag_seed).to(device)
+                        weights = example_weights(batch, config, booster, device)
                         loss, logits, grad_norm = forward_backward(model, forward, optimizer, batch, config, device,
                                                                    scaler, targets, weights)
                         overflow = scaler is not None and not torch.isfinite(grad_norm)  # the scaler skips it
