@@ -73,3 +73,18 @@ def test_eval_uses_the_ema_weights_when_the_run_has_them(tiny_corpus, tmp_path):
     assert ema["gap"] != raw["gap"]
     refused = runner.invoke(main, ["eval", str(tmp_path / "plain"), "--data", validate, "--weights", "ema"])
     assert refused.exit_code == 2 and "holds no EMA weights" in refused.output
+
+
+def test_the_ema_epochs_run_after_the_normal_ones_at_a_lower_rate(tiny_corpus, tmp_path):
+    from test_loop import read_metrics
+
+    summary = train(make_config(tiny_corpus, tmp_path / "run", epochs=1, ema_halflife=3, ema_epochs=1,
+                                ema_lr_factor=0.2, lr_decay=1.0), progress=False)
+    assert summary["steps"] == 14  # 7 steps an epoch, 2 epochs
+    rates = [record["lr"] for record in read_metrics(tmp_path / "run") if "lr" in record]
+    assert rates[0] == pytest.approx(rates[-1] / 0.2) and rates[-1] < rates[0]
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["ema"]["n_averaged"] == 14
+    from yt8m.train import TrainConfig
+
+    with pytest.raises(ValueError, match="needs ema_halflife"):
+        TrainConfig(model="dbof", train_data=["x"], output="o", ema_epochs=2)

@@ -64,6 +64,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     on_error: str = "raise"             # raise | skip (corrupt records)
     ema_halflife: float | None = None   # steps: EMA shadow weights and BatchNorm buffers, decay 1 - 1/halflife
+    ema_epochs: int = 0                 # the 2018 1st place's schedule: this many more epochs after `epochs`,
+    ema_lr_factor: float = 0.2          # at lr * ema_lr_factor (their 1/5), the EMA running on
     distill_from: str | None = None     # a prediction store of a teacher on the training data (predict --scores)
     distill_weight: float = 0.5         # lambda: lambda * BCE(labels, p) + (1 - lambda) * BCE(teacher, p)
     bag_seed: int | None = None         # bagging: per-example Poisson(1) bootstrap weights from this seed and the id
@@ -97,6 +99,10 @@ class TrainConfig:
             (self.boost_clip >= 1, f"boost_clip must be >= 1 (weights have mean 1), got {self.boost_clip}"),
             (self.bag_seed is None or 0 <= self.bag_seed < 2**32,
              f"bag_seed must be in [0, 2**32), got {self.bag_seed}"),
+            (self.ema_epochs >= 0, f"ema_epochs must be >= 0, got {self.ema_epochs}"),
+            (self.ema_epochs == 0 or self.ema_halflife is not None,
+             f"ema_epochs ({self.ema_epochs}) needs ema_halflife: the extra epochs are for the EMA"),
+            (0 < self.ema_lr_factor <= 1, f"ema_lr_factor must be in (0, 1], got {self.ema_lr_factor}"),
             (self.ema_halflife is None or self.ema_halflife > 1,
              f"ema_halflife must be > 1 (steps; decay 1 - 1/halflife), got {self.ema_halflife}"),
             (self.max_frames >= 1, f"max_frames must be >= 1, got {self.max_frames}"),

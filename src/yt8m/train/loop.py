@@ -458,14 +458,16 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         ensure_finite_weights("checkpoint")
         return save_checkpoint(run_dir, state_dict(epoch, batches_in_epoch), step, config.keep_checkpoints)
 
-    finished = state is not None and (start_epoch >= config.epochs or
+    total_epochs = config.epochs + config.ema_epochs  # the EMA's extra epochs at a lower rate come last
+    finished = state is not None and (start_epoch >= total_epochs or
                                       (config.max_steps is not None and step >= config.max_steps))
     summary = {"steps": step, "examples": examples_seen, "loss": None, "valid": None, "rank": rank,
                "finished_before": finished}
     if finished and (run_dir / FINAL_MODEL).exists():
         if main_rank:
             limit = (f"--max-steps (now {config.max_steps})" if config.max_steps is not None and step >= config.max_steps
-                     else f"--epochs (now {config.epochs})")
+                     else f"--epochs (now {config.epochs}"
+                     f"{f', and ema_epochs {config.ema_epochs}' if config.ema_epochs else ''})")
             where = f"{start_epoch} epoch(s)" if state["batches_in_epoch"] == 0 else f"epoch {start_epoch + 1}"
             tqdm.write(f"{run_dir} is finished ({where}, step {step}): nothing to train. Raise {limit} to train it "
                        "further.", file=sys.stderr)
@@ -480,7 +482,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                  else "")
         say(f"{config.model}: {parameters / 1e6:.2f}M parameters on {device} ({config.precision}); lr {base_lr:g}, "
             f"batch {batch_size} per rank x {world_size} rank(s); train {len(train_files)} shard(s), "
-            f"{_count_videos(train_files)}{valid}; {config.epochs} epoch(s); {begin} -> {run_dir}")
+            f"{_count_videos(train_files)}{valid}; {config.epochs} epoch(s)"
+            f"{f' + {config.ema_epochs} at lr x {config.ema_lr_factor:g} for the EMA' if config.ema_epochs else ''}; "
+            f"{begin} -> {run_dir}")
         used, overridden = recipe_origin(config)
         if used or overridden:
             changed = f"; overridden: {_key_values(overridden)}" if overridden else ""
@@ -499,12 +503,12 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
     window_start, window_examples = time.perf_counter(), 0
     try:
         with StopRequest(enabled=world_size == 1) as stop:
-            for epoch in range(start_epoch, config.epochs):
+            for epoch in range(start_epoch, total_epochs):
                 if config.max_steps is not None and step >= config.max_steps:  # a run stopped by max_steps
                     break
                 loader.set_epoch(epoch)
                 model.train()
-                bar = tqdm(desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", total=progress_total(loader),
+                bar = tqdm(desc=f"epoch {epoch + 1}/{total_epochs}", unit="batch", total=progress_total(loader),
                            disable=not progress, leave=False, dynamic_ncols=True)
                 batches_in_epoch = epoch_steps = epoch_examples = single_videos = 0
                 epoch_start, examples_at_start = time.perf_counter(), examples_seen
@@ -530,7 +534,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                                 f"gradient norm is {grad_norm.item()} (loss {loss.item():.4f})"
                             raise TrainingError(f"{what} at step {step + 1} (epoch {epoch + 1}); stopped before the "
                                                 f"update. {last_good()}")
-                        lr = staircase_lr(config, base_lr, examples_seen)
+                        lr = staircase_lr(config, base_lr, examples_seen) * \
+                            (config.ema_lr_factor if epoch >= config.epochs else 1.0)
                         for group in optimizer.param_groups:
                             group["lr"] = lr
                         if scaler is not None:
@@ -592,7 +597,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                         valid = summary["valid"]
                         say(f"epoch {epoch + 1}: loss {summary['loss']:.4f}  valid GAP {valid['gap']:.4f}  "
                             f"mAP {valid['map']:.4f}  Hit@1 {valid['hit_at_one']:.4f}")
-                last_epoch = stopped or epoch + 1 == config.epochs
+                last_epoch = stopped or epoch + 1 == total_epochs
                 if stop.requested and not last_epoch:  # during the validation: the epoch's checkpoint is written
                     stop.interrupt(step, epoch, checkpoints(run_dir)[-1])
                 if world_size > 1:
