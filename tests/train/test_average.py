@@ -89,5 +89,7 @@ def test_the_average_command_writes_a_model_that_eval_takes(run, tiny_corpus, tm
     assert again.exit_code == 2 and "--overwrite" in again.output
     wrong = runner.invoke(main, ["average", str(run), "--steps", "1,x"])
     assert wrong.exit_code == 2 and "step numbers" in wrong.output
+    empty = runner.invoke(main, ["average", str(run), "--steps", ","])
+    assert empty.exit_code == 2 and "at least one step" in empty.output
     default = runner.invoke(main, ["average", str(run), "--last", "2"])
     assert default.exit_code == 0 and list(run.glob("average-*.pt"))

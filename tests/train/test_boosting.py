@@ -43,6 +43,9 @@ def test_boosting_weights_equal_the_formula_on_a_hand_made_case(tmp_path):
     assert booster.weights(ids, labels)[1] > 1 > booster.weights(ids, labels)[0]  # the missed video weighs more
     clipped = Booster([str(store)], [str(tmp_path / "train.tfrecord")], CLASSES, alpha=3.0, clip=1.5)
     assert float(clipped.weights(ids, labels).max()) == pytest.approx(1.5)
+    steep = Booster([str(store)], [str(tmp_path / "train.tfrecord")], CLASSES, alpha=1000.0, clip=5.0)
+    weights = steep.weights(ids, labels)  # exp(1000 r e) overflows float64: normalised in log space
+    assert torch.isfinite(weights).all() and float(weights[1]) == pytest.approx(4.0) and float(weights[0]) == 0
 
 
 def test_a_boosted_round_trains_on_its_weights(tiny_corpus, tmp_path):

@@ -33,7 +33,7 @@ def test_ema_follows_the_closed_form_on_weights_and_batch_norm_buffers():
     for key, value in expected.items():  # weights and running_mean / running_var alike
         torch.testing.assert_close(shadow[key], value)
     assert {"1.running_mean", "1.running_var"} <= expected.keys()
-    restored = ema_model(model, halflife, ema_state(ema))
+    restored = ema_model(model, halflife, ema_state(ema)["ema"])
     assert int(restored.n_averaged) == 5
     assert_same_weights(restored.module.state_dict(), shadow)
 

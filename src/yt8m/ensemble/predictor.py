@@ -227,10 +227,9 @@ class RunPredictor:
             else None
         self.max_frames = trained if isinstance(trained, int) and trained >= 1 else run_max_frames(self.path)
         self.tta = tta
-        if tta > 1 and not getattr(self.model, "train_sampling", None):
-            raise ValueError(f"--tta {tta}: the model of {self.path} ({self.model.config.get('name')}) reads every "
-                             "frame, so every sample would be the same; test-time averaging applies to models that "
-                             "sample frames (train_frames, or a preset that samples)")
+        from yt8m.train.inference import check_tta
+
+        check_tta(self.model, tta)  # before any data is read
 
     def identity(self) -> dict:
         identity = {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),

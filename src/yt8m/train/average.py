@@ -34,6 +34,8 @@ def select_checkpoints(run: Path, last: int | None = None, steps: Iterable[int] 
         raise ValueError("give either last (--last N) or steps (--steps a,b,c)")
     if steps is not None:
         wanted = sorted(set(steps))
+        if not wanted:
+            raise ValueError("steps: expected at least one step number (--steps a,b,c)")
         missing = [step for step in wanted if step not in found]
         if missing:
             raise ValueError(f"{run} has no checkpoint of step(s) {missing}; it keeps steps {sorted(found)}")
@@ -81,12 +83,19 @@ def recompute_batch_norm(model: nn.Module, data, num_batches: int, batch_size: i
     sampling = getattr(model, "train_sampling", None) or {"sampling": "all"}
     loader = make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
                          num_classes=num_classes, rank=0, world_size=1, shuffle=True, **sampling)
-    batches = [prepare_batch(batch, "cpu") for batch in itertools.islice(loader, num_batches)]
-    if not batches:
+    used = 0
+
+    def batches():  # one at a time: a frame-level float32 batch is 88 MB
+        nonlocal used
+        for batch in itertools.islice(loader, num_batches):
+            used += 1
+            yield prepare_batch(batch, "cpu")
+
+    torch.optim.swa_utils.update_bn(batches(), _Batches(model))
+    if used == 0:
         raise ValueError("no training batch to recompute BatchNorm statistics on: the data holds no record")
-    torch.optim.swa_utils.update_bn(batches, _Batches(model))
     model.eval()
-    return len(batches)
+    return used
 
 
 def average_run(run: str | os.PathLike, output: str | os.PathLike | None = None, last: int | None = None,

@@ -32,7 +32,7 @@ class Booster:
     """The per-example weights of a boosting round after the rounds whose stores are `stores`."""
 
     def __init__(self, stores: str | list[str], train_data, num_classes: int, alpha: float = 1.0,
-                 clip: float = 5.0):
+                 clip: float = 5.0, on_error: str = "raise"):
         from yt8m.ensemble.predictor import dense_labels, labelled_ids
         from yt8m.ensemble.store import ScoreStore
 
@@ -44,7 +44,7 @@ class Booster:
         files = expand_paths(train_data)
 
         def errors():  # [K, B] per batch of the training videos
-            for ids, classes in labelled_ids(files, num_classes):
+            for ids, classes in labelled_ids(files, num_classes, on_error=on_error):
                 labels = dense_labels(classes, num_classes)
                 yield torch.stack([self._errors(store, ids, labels) for store in self.stores])
 
@@ -56,8 +56,9 @@ class Booster:
             raise ValueError("boost_from: the training data holds no video")
         self.error_rates = (totals / count).clamp(1e-6, 1 - 1e-6)  # err_k, kept off 0 and 1
         self.rates = torch.log((1 - self.error_rates) / self.error_rates)  # r_k
-        self.normaliser = 1.0
-        self.normaliser = sum(float(self._raw(batch).double().sum()) for batch in errors()) / count
+        # log of the mean of exp(exponent) over the videos, summed in log space: no overflow however large
+        self.log_normaliser = float(torch.logsumexp(torch.cat([self._exponent(batch) for batch in errors()]), 0)
+                                    - torch.log(torch.tensor(float(count), dtype=torch.float64)))
 
     @staticmethod
     def _errors(store, ids: list[str], labels: torch.Tensor) -> torch.Tensor:
@@ -71,13 +72,14 @@ class Booster:
                              "--scores STORE`)") from None
         return perr_errors(store.dense(rows), labels)
 
-    def _raw(self, errors: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.alpha * (self.rates.float()[:, None] * errors).sum(0))  # [B]
+    def _exponent(self, errors: torch.Tensor) -> torch.Tensor:
+        """alpha * sum_k r_k * e_kn [B] in float64, the log of a video's weight before normalising."""
+        return self.alpha * (self.rates[:, None] * errors.double()).sum(0)
 
     def weights(self, ids: list[str], labels: torch.Tensor) -> torch.Tensor:
         """The weights [B] of these training videos (labels [B, C] on the CPU)."""
         errors = torch.stack([self._errors(store, ids, labels) for store in self.stores])  # [K, B]
-        return (self._raw(errors) / self.normaliser).clamp(max=self.clip)
+        return torch.exp(self._exponent(errors) - self.log_normaliser).clamp(max=self.clip).float()
 
 
 __all__ = ["Booster", "perr_errors"]

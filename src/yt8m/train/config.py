@@ -96,6 +96,7 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
             (self.boost_alpha > 0, f"boost_alpha must be > 0, got {self.boost_alpha}"),
+            (self.boost_from is None or len(self.boost_from) > 0, "boost_from must name a store, got an empty list"),
             (self.boost_clip >= 1, f"boost_clip must be >= 1 (weights have mean 1), got {self.boost_clip}"),
             (self.bag_seed is None or 0 <= self.bag_seed < 2**32,
              f"bag_seed must be in [0, 2**32), got {self.bag_seed}"),
@@ -119,6 +120,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The default of every key that has one."""
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
     @classmethod
     def resolve(cls, values: Mapping) -> TrainConfig:

@@ -63,6 +63,25 @@ def progress_total(loader) -> int | None:
 EVAL_SEED = 0  # the starter's eval.py: tf.set_random_seed(0)
 
 
+def check_tta(model: nn.Module, tta: int) -> None:
+    """Refuses test-time averaging (`tta` > 1) for a model that reads every frame, where every sample would be
+    the same; warns for one that samples in training but reads every frame at evaluation, whose N samples of
+    its training frames replace that view."""
+    if tta < 1:
+        raise ValueError(f"tta: expected a positive number of frame samples, found {tta}")
+    if tta == 1:
+        return
+    name = getattr(model, "config", {}).get("name", type(model).__name__)
+    if not getattr(model, "train_sampling", None):
+        raise ValueError(f"--tta {tta}: model {name} reads every frame, so every sample would be the same; "
+                         "test-time averaging applies to models that sample frames (train_frames, or a preset that "
+                         "samples)")
+    if not getattr(model, "eval_sampling", None):
+        warnings.warn(f"--tta {tta}: model {name} reads every frame at evaluation; test-time averaging replaces that "
+                      f"with the mean of {tta} samples of {model.train_sampling['num_samples']} frames, as it "
+                      "trained", stacklevel=3)
+
+
 def predict_batches(model: nn.Module, data, num_classes: int, device: torch.device, batch_size: int = 256,
                     max_frames: int = 300, precision: str = "fp32", num_workers: int = 0, on_error: str = "raise",
                     progress: bool = True, desc: str = "predict", tta: int = 1,
@@ -78,15 +97,9 @@ def predict_batches(model: nn.Module, data, num_classes: int, device: torch.devi
     change). `on_error="skip"` skips corrupt records with a warning; the progress bar shows the batches of
     the pass against their total, an ETA and videos per second.
     """
-    if tta < 1:
-        raise ValueError(f"tta: expected a positive number of frame samples, found {tta}")
-    sampling = getattr(model, "eval_sampling", None) or {"sampling": "all"}
-    if tta > 1:
-        sampling = getattr(model, "train_sampling", None)
-        if not sampling:
-            raise ValueError(f"--tta {tta}: model {type(model).__name__} reads every frame, so every sample would "
-                             "be the same; test-time averaging applies to models that sample frames "
-                             "(train_frames, or a preset that samples)")
+    check_tta(model, tta)
+    sampling = (getattr(model, "train_sampling", None) if tta > 1 else getattr(model, "eval_sampling", None)) \
+        or {"sampling": "all"}
     # every record, even inside a distributed run (where rank 0 validates alone)
     loaders = [make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
                            num_classes=num_classes, num_workers=num_workers, on_error=on_error, rank=0,
@@ -262,5 +275,5 @@ def read_submission(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-__all__ = ["autocast", "check_output", "evaluate", "predict_batches", "read_submission", "resolve_device",
+__all__ = ["autocast", "check_output", "check_tta", "evaluate", "predict_batches", "read_submission", "resolve_device",
            "score_batches", "SubmissionWriter", "write_submission", "write_submission_rows"]

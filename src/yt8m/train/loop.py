@@ -74,7 +74,8 @@ def ema_model(model: nn.Module, halflife: float | None, saved: dict | None = Non
     """The EMA shadow of `model` (torch.optim.swa_utils.AveragedModel, decay 1 - 1/halflife, over parameters and
     buffers, BatchNorm's included), restored from a checkpoint's `saved` EMA state; None without a halflife.
     Its first update copies the model (AveragedModel's rule), each later one is ema = decay * ema +
-    (1 - decay) * weights (2018 1st place §4.1)."""
+    (1 - decay) * weights (2018 1st place §4.1). "Halflife" is their name: the weights' e-folding time in
+    steps (a weight halves in about 0.69 halflives), as in the issue and the reference."""
     if halflife is None:
         return None
     ema = torch.optim.swa_utils.AveragedModel(
@@ -85,9 +86,10 @@ def ema_model(model: nn.Module, halflife: float | None, saved: dict | None = Non
     return ema
 
 
-def ema_state(ema) -> dict | None:
-    """What a checkpoint or model file keeps of the EMA: the shadow model's state dict and its update count."""
-    return None if ema is None else {"model": ema.module.state_dict(), "n_averaged": int(ema.n_averaged)}
+def ema_state(ema) -> dict:
+    """What a checkpoint or model file keeps of the EMA (`ema`: the shadow model's state dict and its update
+    count); nothing without one."""
+    return {} if ema is None else {"ema": {"model": ema.module.state_dict(), "n_averaged": int(ema.n_averaged)}}
 
 
 def clip_gradients(model: nn.Module, mode: str, max_norm: float) -> torch.Tensor:
@@ -380,8 +382,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         if found is not None:
             source, state = found
             check_resumable(state["train_config"], config.to_dict(), f"{run_dir} ({source.name})")
-            changed = {key: (value, state["train_config"].get(key)) for key, value in config.to_dict().items()
-                       if key not in RESUME_KEYS and state["train_config"].get(key) != value}
+            # a key the checkpoint predates had its default then
+            saved = {**TrainConfig.defaults(), **state["train_config"]}
+            changed = {key: (value, saved.get(key)) for key, value in config.to_dict().items()
+                       if key not in RESUME_KEYS and saved.get(key) != value}
             if changed and main_rank:
                 warnings.warn(f"resuming {run_dir} with changed settings: " + ", ".join(
                     f"{key} {before!r} -> {after!r}" for key, (after, before) in changed.items()), stacklevel=4)
@@ -423,7 +427,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         from yt8m.train.boosting import Booster
 
         booster = Booster(config.boost_from, config.train_data, config.num_classes, config.boost_alpha,
-                          config.boost_clip)
+                          config.boost_clip, config.on_error)
     teacher = None
     if config.distill_from is not None:
         from yt8m.ensemble.store import ScoreStore
@@ -437,7 +441,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
 
     def state_dict(epoch: int, batches_in_epoch: int) -> dict:
         return {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
-                "ema": ema_state(ema), "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                **ema_state(ema), "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen, "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch,
                 "rng": {"torch": torch.get_rng_state(),
@@ -449,8 +453,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                 "lower --lr or gradient clipping.")
 
     def ensure_finite_weights(what: str) -> None:
-        if (name := first_non_finite(model)) is not None:
-            raise TrainingError(f"{name} is not finite after step {step}: {what} not written. {last_good()}")
+        for prefix, weights in (("", model), ("the EMA's ", ema.module if ema is not None else None)):
+            if weights is not None and (name := first_non_finite(weights)) is not None:
+                raise TrainingError(f"{prefix}{name} is not finite after step {step}: {what} not written. "
+                                    f"{last_good()}")
 
     def checkpoint(epoch: int, batches_in_epoch: int) -> Path | None:
         if not main_rank:
@@ -543,7 +549,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                             scaler.update()
                         else:
                             optimizer.step()
-                        if ema is not None:
+                        if ema is not None and not overflow:  # an update the scaler skipped is none
                             ema.update_parameters(model)
                         step += 1
                         epoch_steps += 1
@@ -606,7 +612,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                     break
         if main_rank:
             ensure_finite_weights(FINAL_MODEL)
-            atomic_save({"model": model.state_dict(), "model_config": model.config, "ema": ema_state(ema),
+            atomic_save({"model": model.state_dict(), "model_config": model.config, **ema_state(ema),
                          "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen},
                         run_dir / FINAL_MODEL)
         if world_size > 1:  # no rank leaves (and closes its connections) while another still works
