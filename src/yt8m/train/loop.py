@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -21,7 +22,6 @@ import sys
 import threading
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +122,19 @@ def distillation_targets(teacher, ids: list[str], labels: torch.Tensor, weight: 
     return weight * labels + (1 - weight) * teacher.dense(rows).to(labels.device)
 
 
+_POISSON_ONE_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(20)])  # P(count <= k)
+
+
 def bag_weights(ids: list[str], seed: int) -> torch.Tensor:
     """Bagging's bootstrap as per-example weights [B]: each video's count of draws, Poisson(1) (the streaming
     bootstrap: a sample of N draws with replacement out of N videos gives each a Binomial(N, 1/N) count,
-    Poisson(1) as N grows), from a generator seeded by `seed` and the CRC-32 of the video id, so that a
-    video weighs the same in every epoch, on every rank and worker, without a pass over the data."""
-    return torch.tensor([float(np.random.default_rng([seed, zlib.crc32(i.encode())]).poisson(1.0)) for i in ids])
+    Poisson(1) as N grows), by the inverse CDF of a uniform from a keyed BLAKE2b hash of the video id (key:
+    the seed), so that a video weighs the same in every epoch, on every rank and worker, without a pass over
+    the data."""
+    key = seed.to_bytes(4, "little")
+    uniform = np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=key).digest(), "big")
+                        for i in ids], dtype=np.float64) / 2.0**64
+    return torch.from_numpy(np.searchsorted(_POISSON_ONE_CDF, uniform, side="right").astype(np.float32))
 
 
 def example_weights(batch: dict, config: TrainConfig, booster, device: torch.device) -> torch.Tensor | None:
