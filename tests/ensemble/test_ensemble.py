@@ -282,12 +282,12 @@ def test_a_store_is_read_by_numpy_in_a_process_without_yt8m(runs, tiny_corpus, t
 
 
 def test_holdout_scores_do_not_depend_on_how_many_members_a_pass_scores(runs, tiny_corpus, tmp_path, monkeypatch):
-    from yt8m.ensemble import ensemble
+    from yt8m.ensemble import methods
 
     validate = frame_files(tiny_corpus, "validate")
     members = [str(r) for r in runs]
     whole = fit_ensemble("mean", members, validate, tmp_path / "a", progress=False)["holdout_scores"]
-    monkeypatch.setattr(ensemble, "MEMBERS_SCORED_PER_PASS", 1)
+    monkeypatch.setattr(methods, "MAX_CANDIDATES_PER_PASS", 1)
     one_by_one = fit_ensemble("mean", members, validate, tmp_path / "b", progress=False)["holdout_scores"]
     assert one_by_one == whole
     assert whole["members"][members[0]] != whole["members"][members[1]]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from yt8m.data import wire
 from yt8m.data.errors import CorruptRecordError, DecodeError
-from yt8m.data.records import ErrorPolicy, PathArg, _size_or_zero, _take_id, expand_paths
+from yt8m.data.records import ErrorPolicy, PathArg, _labels, _size_or_zero, _take_id, expand_paths
 from yt8m.data.tfrecord import RECORD_OVERHEAD, TFRecordWriter, count_records_many, read_records
 
 MANIFEST = "split.json"
@@ -113,15 +113,20 @@ def video_id_of(payload: bytes | memoryview) -> str:
     Field 1 is an Example's features and a SequenceExample's context alike: only it is parsed,
     the frames are skipped unread.
     """
-    features = wire.decode_example(payload)
+    return _id_of(payload, wire.decode_example(payload))
+
+
+def _id_of(payload: bytes | memoryview, features: dict) -> str:
     if "id" not in features and "video_id" not in features:
         raise DecodeError(f"no 'id' or 'video_id' feature (found keys {sorted(features)})")
     return _take_id(payload, features)
 
 
-def _iter_ids(files: Iterable[str], policy: ErrorPolicy,
-              check_crc: bool = True) -> Iterator[tuple[memoryview, str]]:
-    """Yield `(payload, video id)` for the readable records of `files`; bad ones go to `policy`."""
+def iter_ids(files: Iterable[str], policy: ErrorPolicy, check_crc: bool = True,
+             num_classes: int | None = None) -> Iterator[tuple[memoryview, str, np.ndarray | None]]:
+    """Yield `(payload, video id, labels)` for the readable records of `files`, parsing field 1 only; bad ones
+    go to `policy`. With `num_classes` the labels are read too, and a label outside [0, num_classes) makes the
+    record corrupt; without, labels is None."""
     on_corrupt = policy.handle if policy.on_error == "skip" else None
     for path in files:
         try:
@@ -131,13 +136,20 @@ def _iter_ids(files: Iterable[str], policy: ErrorPolicy,
             continue
         for offset, payload in records:
             try:
-                video_id = video_id_of(payload)
+                features = wire.decode_example(payload)
+                video_id = _id_of(payload, features)
+                labels = None if num_classes is None else _labels(payload, features)
             except DecodeError as error:
                 policy.handle(CorruptRecordError(path, offset, f"no video id: {error}"),
                               len(payload) + RECORD_OVERHEAD)
                 continue
+            if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+                policy.handle(CorruptRecordError(path, offset, f"label(s) outside [0, {num_classes}): is "
+                                                               "num_classes right for this data?"),
+                              len(payload) + RECORD_OVERHEAD)
+                continue
             policy.stats.records += 1
-            yield payload, video_id
+            yield payload, video_id, labels
 
 
 def video_ids(paths: PathArg, on_error: str = "raise", check_crc: bool = True) -> np.ndarray:
@@ -148,7 +160,7 @@ def video_ids(paths: PathArg, on_error: str = "raise", check_crc: bool = True) -
     """
     policy = ErrorPolicy(on_error)
     try:
-        ids = [video_id.encode("utf-8") for _, video_id in _iter_ids(expand_paths(paths), policy, check_crc)]
+        ids = [video_id.encode("utf-8") for _, video_id, _ in iter_ids(expand_paths(paths), policy, check_crc)]
     finally:
         policy.stats.warn(stacklevel=2)
     return np.array(ids, dtype=bytes)
@@ -303,7 +315,7 @@ def split_records(paths: PathArg, fractions: dict[str, float], output: str | os.
         for writer in writers.values():
             writer.folder.mkdir()
         with tqdm(total=total, unit="record", desc="split", disable=not progress) as bar:
-            for payload, video_id in _iter_ids(files, policy):
+            for payload, video_id, _ in iter_ids(files, policy):
                 writers[split(video_id)].write(payload)
                 bar.update()
         for writer in writers.values():

@@ -289,7 +289,27 @@ def frame_record(payload: bytes | bytearray | memoryview) -> bytes:
     )
 
 
-class TFRecordWriter:
+class Publishing:
+    """A writer used as a context manager: `close()` (publish what was written) when its `with` block ends
+    cleanly, `abort()` (leave nothing behind) when it raises."""
+
+    def close(self) -> object:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class TFRecordWriter(Publishing):
     """Writes records to `path` atomically: a temporary file renamed on a clean close."""
 
     def __init__(self, path: str | os.PathLike):
@@ -309,12 +329,3 @@ class TFRecordWriter:
     def abort(self) -> None:
         self._file.close()
         self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> TFRecordWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from yt8m.data import expand_paths
-from yt8m.ensemble.methods import HoldoutBatch, build_combiner, fit, member_weights, method_options
+from yt8m.ensemble.methods import (HoldoutBatch, build_combiner, evaluate_candidates, fit, member_weights,
+                                   method_options)
 from yt8m.ensemble.predictor import (ENSEMBLE_FILE, SCORES_DIR, digest_of, cached_scores, joined, load_predictor,
                                      data_level, labelled_ids, read_data, run_of, source_kind)
 from yt8m.ensemble.store import DEFAULT_TOP_K, NpyAppender, ScoreStore, data_digest
@@ -278,29 +279,19 @@ def _warn_few_steps(method: str, options: dict, num_videos: int) -> None:
                       "mean): on a small holdout pass a smaller --fit-batch-size and more --epochs", stacklevel=3)
 
 
-MEMBERS_SCORED_PER_PASS = 16  # each member's Evaluator keeps O(videos x 20) entries: a pass scores this many
-
-
 def _holdout_scores(holdout: StoreHoldout, combiner, top_k: int = 20) -> list[dict]:
-    """The holdout scores of every member, then of the ensemble (the ensemble in the first pass over the
-    holdout, the members MEMBERS_SCORED_PER_PASS at a time)."""
+    """The holdout scores of every member, then of the ensemble: M + 1 candidates of `evaluate_candidates`,
+    as many a pass over the holdout as its budget allows."""
+    def scores(batch: HoldoutBatch, chunk: slice) -> Iterator[torch.Tensor]:
+        for candidate in range(chunk.start, chunk.stop):
+            yield batch.probs[:, candidate] if candidate < holdout.num_members else \
+                combiner(batch.probs, batch.features)
+
     def metrics(evaluator: Evaluator) -> dict:
         return {key: float(value) if key != "num_videos" else value for key, value in evaluator.compute().items()}
 
-    found, ensemble = [], None
     with torch.inference_mode():
-        for first in range(0, holdout.num_members, MEMBERS_SCORED_PER_PASS):
-            chunk = range(first, min(first + MEMBERS_SCORED_PER_PASS, holdout.num_members))
-            evaluators = [Evaluator(holdout.num_classes, top_k) for _ in chunk]
-            combined = Evaluator(holdout.num_classes, top_k) if ensemble is None else None
-            for batch in holdout.batches(1024):
-                for member, evaluator in zip(chunk, evaluators):
-                    evaluator.update(batch.probs[:, member], batch.labels)
-                if combined is not None:
-                    combined.update(combiner(batch.probs, batch.features), batch.labels)
-            found.extend(metrics(e) for e in evaluators)
-            ensemble = ensemble or metrics(combined)
-    return [*found, ensemble]
+        return evaluate_candidates(holdout, holdout.num_members + 1, scores, metrics, top_k, 1024)
 
 
 def fit_ensemble(method: str, members: list[str], holdout: list[str], output: str | os.PathLike,

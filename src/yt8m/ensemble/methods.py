@@ -385,8 +385,9 @@ def _mean_weights(combiner: AttentionCombiner, holdout: Holdout, batch_size: int
 Scores = Callable[[HoldoutBatch, slice], Iterable[torch.Tensor]]  # a batch's [B, C] scores of each candidate
 
 
-def _evaluate_candidates(holdout: Holdout, count: int, scores: Scores,
-                         result: Callable[[Evaluator], object], top_k: int, batch_size: int, bar: tqdm) -> list:
+def evaluate_candidates(holdout: Holdout, count: int, scores: Scores,
+                        result: Callable[[Evaluator], object], top_k: int, batch_size: int,
+                        bar: tqdm | None = None) -> list:
     """`result(evaluator)` of each of `count` candidates, whose Evaluator sees its [B, C] of `scores(batch,
     candidates)` (T of them): as many candidates per pass over the holdout as keep the Evaluators within
     budget."""
@@ -398,13 +399,14 @@ def _evaluate_candidates(holdout: Holdout, count: int, scores: Scores,
 
 
 def _evaluate_pass(holdout: Holdout, candidates: slice, scores: Scores,
-                   result: Callable[[Evaluator], object], top_k: int, batch_size: int, bar: tqdm) -> list:
+                   result: Callable[[Evaluator], object], top_k: int, batch_size: int, bar: tqdm | None) -> list:
     """One pass of `_evaluate_candidates` (its Evaluators are freed on return)."""
     evaluators = [Evaluator(holdout.num_classes, top_k) for _ in range(candidates.start, candidates.stop)]
     for batch in holdout.batches(batch_size):
         for evaluator, predictions in zip(evaluators, scores(batch, candidates)):
             evaluator.update(predictions, batch.labels)
-        bar.update(len(evaluators) * batch.labels.shape[0])
+        if bar is not None:
+            bar.update(len(evaluators) * batch.labels.shape[0])
     return [result(evaluator) for evaluator in evaluators]
 
 
@@ -452,7 +454,7 @@ def _search(holdout: Holdout, options: dict, progress: bool) -> torch.Tensor:
     """
     trials = search_trials(holdout.num_members, options["trials"], options["seed"])  # [T, M]
     with _progress(len(trials), holdout.num_videos, "fit search", "trial", progress) as bar:
-        gaps = _evaluate_candidates(
+        gaps = evaluate_candidates(
             holdout, len(trials), _weighted_sums(trials),
             lambda evaluator: evaluator.compute()["gap"], options["top_k"], options["batch_size"], bar)
         best = max(range(len(gaps)), key=gaps.__getitem__)  # the first of equals
@@ -479,7 +481,7 @@ def _ap_weights(holdout: Holdout, options: dict, progress: bool) -> torch.Tensor
     """
     num_members = holdout.num_members
     with _progress(num_members, holdout.num_videos, "fit ap_weighted", "member", progress) as bar:
-        aps = _evaluate_candidates(holdout, num_members, lambda batch, chunk: batch.probs[:, chunk].transpose(0, 1),
+        aps = evaluate_candidates(holdout, num_members, lambda batch, chunk: batch.probs[:, chunk].transpose(0, 1),
                                    Evaluator.class_average_precisions, options["top_k"], options["batch_size"], bar)
     aps = torch.stack(aps)  # [M, C] float64, NaN for classes without positives
     p = NORMS[options["norm"]]
@@ -503,6 +505,7 @@ __all__ = [
     "InMemoryHoldout",
     "SoftmaxCombiner",
     "binary_cross_entropy",
+    "evaluate_candidates",
     "build_combiner",
     "fit",
     "member_weights",

@@ -23,9 +23,8 @@ import torch
 from tqdm import tqdm
 
 from yt8m.data import CorruptRecordError, decode_record, make_loader, prepare_batch
-from yt8m.data.records import ErrorPolicy, _labels, _take_id
-from yt8m.data.tfrecord import RECORD_OVERHEAD, count_records_many, read_records
-from yt8m.data.wire import decode_example
+from yt8m.data.records import ErrorPolicy
+from yt8m.data.tfrecord import count_records_many, read_records
 from yt8m.ensemble.store import HEADER, ScoreStore, StoreWriter, data_digest
 
 SCORES_DIR = "scores"  # the cache of stores in a run or ensemble directory
@@ -50,6 +49,8 @@ def labelled_ids(files: list[str], num_classes: int, batch_size: int = 1024, on_
                  progress: bool = False, desc: str = "read labels") -> Iterator[tuple[list[str], list[np.ndarray]]]:
     """(ids, each video's classes) of every record, reading only each record's id and labels (an Example's
     features and a SequenceExample's context are both field 1: the frames are skipped unread)."""
+    from yt8m.data.split import iter_ids
+
     policy = ErrorPolicy(on_error)
     try:
         total = sum(count_records_many(files))
@@ -57,26 +58,13 @@ def labelled_ids(files: list[str], num_classes: int, batch_size: int = 1024, on_
         total = None
     ids, classes = [], []
     with tqdm(total=total, desc=desc, unit="video", disable=not progress, leave=False) as bar:
-        for path in files:
-            for offset, payload in read_records(path, on_corrupt=policy.handle if on_error == "skip" else None):
-                try:
-                    features = decode_example(payload)
-                    video_id, labels = _take_id(payload, features), _labels(payload, features)
-                except Exception as error:  # noqa: BLE001 - any decoding failure is a corrupt record
-                    policy.handle(CorruptRecordError(path, offset, f"no id and labels: {error}"),
-                                  len(payload) + RECORD_OVERHEAD)
-                    continue
-                if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-                    policy.handle(CorruptRecordError(path, offset, f"label(s) outside [0, {num_classes}): is "
-                                                                   "num_classes right for this data?"),
-                                  len(payload) + RECORD_OVERHEAD)
-                    continue
-                ids.append(video_id)
-                classes.append(labels)
-                bar.update()
-                if len(ids) == batch_size:
-                    yield ids, classes
-                    ids, classes = [], []
+        for _, video_id, labels in iter_ids(files, policy, num_classes=num_classes):
+            ids.append(video_id)
+            classes.append(labels)
+            bar.update()
+            if len(ids) == batch_size:
+                yield ids, classes
+                ids, classes = [], []
         if ids:
             yield ids, classes
     policy.stats.warn(stacklevel=3)
@@ -226,10 +214,7 @@ class RunPredictor:
         trained = state.get("train_config", {}).get("max_frames") if isinstance(state.get("train_config"), dict) \
             else None
         self.max_frames = trained if isinstance(trained, int) and trained >= 1 else run_max_frames(self.path)
-        self.tta = tta
-        from yt8m.train.inference import check_tta
-
-        check_tta(self.model, tta)  # before any data is read
+        self.tta = tta  # checked by predict_batches, before it reads any data
 
     def identity(self) -> dict:
         identity = {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),

@@ -25,11 +25,13 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from yt8m.data.tfrecord import Publishing
 
 FORMAT = "yt8m-scores"
 VERSION = 1
@@ -78,7 +80,7 @@ class NpyAppender:
         self.file.close()
 
 
-class StoreWriter:
+class StoreWriter(Publishing):
     """Writes a store batch by batch at constant memory: `add(ids, probabilities)`, then `close()`.
 
     The store grows in a hidden folder next to `path` and is renamed to `path` by `close`; `abort` (or
@@ -163,14 +165,6 @@ class StoreWriter:
                 handle.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> StoreWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_store(path: str | os.PathLike, batches: Iterable[tuple[Sequence[str], torch.Tensor]], num_classes: int,

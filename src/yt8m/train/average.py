@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,15 +18,14 @@ import torch
 from torch import nn
 
 from yt8m.data import make_loader, prepare_batch
-from yt8m.train.checkpoint import atomic_save, checkpoints, load_checkpoint, model_from_state
+from yt8m.train.checkpoint import atomic_save, checkpoint_step, checkpoints, load_checkpoint, model_from_state
 from yt8m.train.inference import check_output
 
-_STEP = re.compile(r"step-(\d+)\.pt$")
 
 
 def select_checkpoints(run: Path, last: int | None = None, steps: Iterable[int] | None = None) -> list[Path]:
     """The checkpoints of `run` to average: its `last` newest, or those of `steps`, oldest first."""
-    found = {int(_STEP.search(path.name).group(1)): path for path in checkpoints(run)}
+    found = {checkpoint_step(path): path for path in checkpoints(run)}
     if not found:
         raise FileNotFoundError(f"{run} holds no checkpoint (checkpoints/step-N.pt) to average")
     if (last is None) == (steps is None):
@@ -105,7 +103,7 @@ def average_run(run: str | os.PathLike, output: str | os.PathLike | None = None,
     returns (the file, the steps averaged)."""
     run = Path(run)
     paths = select_checkpoints(run, last, steps)
-    chosen = [int(_STEP.search(path.name).group(1)) for path in paths]
+    chosen = [checkpoint_step(path) for path in paths]
     label = f"{chosen[0]}-{chosen[-1]}" if len(chosen) > 1 else str(chosen[0])
     output = Path(output) if output is not None else run / f"average-{label}.pt"
     check_output(output, protect=[*paths, *(path.with_name(path.name + ".sha256") for path in paths)],

@@ -154,9 +154,13 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu",
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoints, oldest first."""
-    found = [(int(m.group(1)), p) for p in (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt")
-             if (m := _NAME.search(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [p for p in (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt") if _NAME.search(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint file `step-N.pt`."""
+    return int(_NAME.search(Path(path).name).group(1))
 
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> Path:

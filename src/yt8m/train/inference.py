@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from yt8m.data import CorruptRecordError, expand_paths, make_loader, prepare_batch
+from yt8m.data.tfrecord import Publishing
 from yt8m.metrics import Evaluator
 from yt8m.train.checkpoint import temporary_path
 from yt8m.train.config import DEVICE_FORMS, DEVICE_PATTERN
@@ -199,7 +200,7 @@ def write_submission(model: nn.Module, data, output: str | Path, num_classes: in
                                  num_classes, top_k, overwrite, protect, inputs)
 
 
-class SubmissionWriter:
+class SubmissionWriter(Publishing):
     """The Kaggle video-level file written batch by batch: `add(ids, probabilities [B, C])`, then `close()`
     (or a `with` block). The output is checked when the writer is made (`check_output`); rows go to a
     temporary file unique to the writer, renamed at `close`, removed by `abort` or a failure."""
@@ -240,14 +241,6 @@ class SubmissionWriter:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> SubmissionWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_submission_rows(batches: Callable[[], Iterable[tuple[list[str], torch.Tensor, object]]],
