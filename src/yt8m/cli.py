@@ -126,14 +126,15 @@ def _protected(source: Path) -> list[Path]:
 
 
 def _load_predictor(source: Path, device: str, batch_size: int, what: str = "RUN", tta: int = 1,
-                    weights: str | None = None):
+                    weights: str | None = None, cascade_from: tuple[str, ...] = ()):
     """The predictor of SOURCE (a run, checkpoint or model file, ensemble or prediction store)."""
     from yt8m.ensemble import load_predictor
 
     if not source.exists():
         raise click.BadParameter(f"no run directory, model file, ensemble or prediction store at {source}",
                                  param_hint=what)
-    return load_predictor(source, device=device, batch_size=batch_size, tta=tta, weights=weights)
+    return load_predictor(source, device=device, batch_size=batch_size, tta=tta, weights=weights,
+                          cascade_from=list(cascade_from) or None)
 
 
 def _run_config(output: Path, model: str, num_classes: int | None) -> dict:
@@ -164,37 +165,42 @@ def _data_errors(run):
         raise click.ClickException(str(error)) from None
 
 
-@main.command()
-@click.argument("model")
-@click.option("--train-data", required=True, multiple=True, help=f"Training TFRecords: {DATA_HELP}.")
-@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory: config, checkpoints, metrics log, final model.")
-@click.option("--valid-data", multiple=True, help=f"Validation TFRecords, scored after every epoch: {DATA_HELP}.")
-@click.option("--num-classes", type=int, default=None, help="Classes in the data [default: 3862].")
-@click.option("--epochs", type=int, default=None,
-              help="Passes over the training data [default: the preset's recipe, else 5].")
-@click.option("--batch-size", type=int, default=None,
-              help="[default: the preset's recipe, else 1024 video level, 128 frame level]")
-@click.option("--lr", type=float, default=None,
-              help="Base learning rate [default: the preset's recipe, else the model's, 0.01 mostly].")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many steps in all [default: every epoch].")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="YAML file of training config keys.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (model_options.KEY for a model option); repeatable.")
-@click.option("--resume", is_flag=True, help="Continue the run in --output from its latest checkpoint.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@usage_errors
-def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...],
-          num_classes: int | None, epochs: int | None, batch_size: int | None, lr: float | None,
-          max_steps: int | None, config_file: Path | None, assignments: tuple[str, ...], resume: bool,
-          quiet: bool) -> None:
-    """Train MODEL (see `yt8m models`) on --train-data; the record level follows from the model.
+def train_options(command):
+    """The flags of `yt8m train`, shared by `yt8m bag`."""
+    options = [
+        click.argument("model"),
+        click.option("--train-data", required=True, multiple=True, help=f"Training TFRecords: {DATA_HELP}."),
+        click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Run directory: config, checkpoints, metrics log, final model."),
+        click.option("--valid-data", multiple=True,
+                     help=f"Validation TFRecords, scored after every epoch: {DATA_HELP}."),
+        click.option("--num-classes", type=int, default=None, help="Classes in the data [default: 3862]."),
+        click.option("--epochs", type=int, default=None,
+                     help="Passes over the training data [default: the preset's recipe, else 5]."),
+        click.option("--batch-size", type=int, default=None,
+                     help="[default: the preset's recipe, else 1024 video level, 128 frame level]"),
+        click.option("--lr", type=float, default=None,
+                     help="Base learning rate [default: the preset's recipe, else the model's, 0.01 mostly]."),
+        click.option("--max-steps", type=int, default=None,
+                     help="Stop after this many steps in all [default: every epoch]."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="YAML file of training config keys."),
+        click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config key (model_options.KEY for a model option); repeatable."),
+        click.option("--resume", is_flag=True, help="Continue the run in --output from its latest checkpoint."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    Every config key and model option is checked before anything runs.
-    """
-    from yt8m.train import TrainConfig, TrainingError, apply_overrides, load_yaml
-    from yt8m.train import train as run_training
+
+def _train_config(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...],
+                  num_classes: int | None, epochs: int | None, batch_size: int | None, lr: float | None,
+                  max_steps: int | None, config_file: Path | None, assignments: tuple[str, ...], resume: bool):
+    """The TrainConfig of `yt8m train`'s flags: the run's saved config when resuming, then --config, --set and
+    the flags, over the preset's recipe."""
+    from yt8m.train import TrainConfig, apply_overrides, load_yaml
     from yt8m.train.loop import config_path
 
     _check_model(model)
@@ -209,27 +215,79 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
         from_file = load_yaml(config_file)
         if from_file.get("model") not in (None, model):  # e.g. another run's config.yaml
             warnings.warn(f"{config_file} is a config of model {from_file['model']!r}: its model is ignored, and its "
-                          f"training keys replace the recipe of {model!r}", stacklevel=2)
+                          f"training keys replace the recipe of {model!r}", stacklevel=3)
         values.update(from_file)
     values = apply_overrides(values, list(assignments))
     flags = {"model": model, "train_data": train_patterns, "output": str(output), "valid_data": valid_patterns,
              "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_steps": max_steps}
     values.update({key: value for key, value in flags.items() if value is not None})
-    config = TrainConfig.resolve(values)
-    start = time.perf_counter()
+    return TrainConfig.resolve(values)
+
+
+def _training(run):
+    """Runs `run()`, a training: its errors as the command line reports them, Ctrl-C as exit status 130."""
+    from yt8m.train import TrainingError
+
     try:
-        summary = _data_errors(lambda: run_training(config, resume=resume, progress=not quiet))
+        return _data_errors(run)
     except TrainingError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:  # a stop after a step has said where, and how to resume
         click.echo("interrupted", err=True)
         raise SystemExit(130) from None
+
+
+@main.command()
+@train_options
+@usage_errors
+def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...],
+          num_classes: int | None, epochs: int | None, batch_size: int | None, lr: float | None,
+          max_steps: int | None, config_file: Path | None, assignments: tuple[str, ...], resume: bool,
+          quiet: bool) -> None:
+    """Train MODEL (see `yt8m models`) on --train-data; the record level follows from the model.
+
+    Every config key and model option is checked before anything runs.
+    """
+    from yt8m.train import train as run_training
+
+    config = _train_config(model, train_data, output, valid_data, num_classes, epochs, batch_size, lr, max_steps,
+                           config_file, assignments, resume)
+    start = time.perf_counter()
+    summary = _training(lambda: run_training(config, resume=resume, progress=not quiet))
     if summary["rank"] == 0:  # under torchrun, rank 0 reports
         valid = summary["valid"]
         loss = f", loss {summary['loss']:.4f}" if summary["loss"] is not None else ""  # None: nothing left to train
         scores = f", valid GAP {valid['gap']:.4f}" if valid else ""
         click.echo(f"trained {model}: {summary['steps']} steps, {summary['examples']} examples"
                    f"{loss}{scores}, in {time.perf_counter() - start:.0f} s -> {output}")
+    _leave_process_group()
+
+
+@main.command()
+@train_options
+@click.option("--bags", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Bags to train (the 2017 2nd place: 8).")
+@click.option("--holdout", multiple=True,
+              help=f"Labelled TFRecords that score the bags' mean ensemble [default: --valid-data]: {DATA_HELP}.")
+@usage_errors
+def bag(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...], num_classes: int | None,
+        epochs: int | None, batch_size: int | None, lr: float | None, max_steps: int | None, config_file: Path | None,
+        assignments: tuple[str, ...], resume: bool, quiet: bool, bags: int, holdout: tuple[str, ...]) -> None:
+    """Bagging: train --bags runs of MODEL, each on its own Poisson(1) bootstrap of --train-data (bag_seed 1..K,
+    seed + 0..K-1), into OUTPUT/bag-1 ... OUTPUT/bag-K, and write their mean ensemble OUTPUT/ensemble, which
+    eval and predict take. --resume continues an interrupted bagging."""
+    from yt8m.train.bagging import train_bags
+
+    # the flags make the config (a resumed bagging repeats its command): each bag's checkpoint is checked against it
+    config = _train_config(model, train_data, output, valid_data, num_classes, epochs, batch_size, lr, max_steps,
+                           config_file, assignments, resume=False)
+    holdout_patterns = _patterns(holdout) or None
+    if holdout_patterns:
+        _resolve_data(holdout_patterns, "--holdout")
+    start = time.perf_counter()
+    ensemble = _training(lambda: train_bags(config, bags, holdout_patterns, resume=resume, progress=not quiet))
+    click.echo(f"trained {bags} bags of {model} in {time.perf_counter() - start:.0f} s -> {output}; their mean "
+               f"ensemble: {ensemble}")
     _leave_process_group()
 
 
@@ -311,10 +369,13 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
               help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema when it "
                    "has them].")
+@click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
+              help="A cascade run's upstream models (stores on --data, runs or ensembles), in its cascade_from order "
+                   "[default: those it trained on]; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @usage_errors
 def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None, top_k: int, batch_size: int,
-                     device: str, tta: int, weights: str | None, as_json: bool) -> None:
+                     device: str, tta: int, weights: str | None, cascade_from: tuple[str, ...], as_json: bool) -> None:
     """Score RUN (a run directory, a checkpoint or model file, an ensemble directory or a prediction store) on
     --data: GAP@20, mAP, Hit@1, PERR. Warns when some videos have no labels."""
     import json
@@ -329,7 +390,8 @@ def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None
         raise click.BadParameter(f"{store} is not a prediction store (a folder with header.json, as `predict "
                                  "--scores` writes); give a run or an ensemble as RUN", param_hint="--scores")
     files = _resolve_data(_patterns(data), "--data")
-    predictor = _load_predictor(run or store, device, batch_size, "--scores" if store else "RUN", tta, weights)
+    predictor = _load_predictor(run or store, device, batch_size, "--scores" if store else "RUN", tta, weights,
+                                cascade_from)
     if predictor.kind == "store" and predictor.store.top_k is not None and predictor.store.top_k < top_k:
         warnings.warn(f"{store} keeps {predictor.store.top_k} classes a video, fewer than the {top_k} of GAP@{top_k}: "
                       "the others score 0 (write the store with --scores-top-k >= 20)", stacklevel=2)
@@ -379,9 +441,13 @@ SCORES_TOP_K_HELP = "Classes kept per video in a store: a positive integer, or a
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
               help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema when it "
                    "has them].")
+@click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
+              help="A cascade run's upstream models (stores on --data, runs or ensembles), in its cascade_from order "
+                   "[default: those it trained on]; repeatable.")
 @usage_errors
 def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path | None, scores_top_k: str,
-            overwrite: bool, top_k: int, batch_size: int, device: str, tta: int, weights: str | None) -> None:
+            overwrite: bool, top_k: int, batch_size: int, device: str, tta: int, weights: str | None,
+            cascade_from: tuple[str, ...]) -> None:
     """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) of RUN (a run directory, a
     checkpoint or model file, an ensemble directory or a prediction store) for --data, and/or its prediction
     store (--scores). Both come from one pass over the data; a run's or an ensemble's store is cached in it."""
@@ -402,7 +468,7 @@ def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path 
         check_output(output, files, protect, overwrite)
         if scores is not None and os.path.realpath(output) == os.path.realpath(scores):
             raise click.BadParameter("--output and --scores name the same path", param_hint="--scores")
-    predictor = _load_predictor(run, device, batch_size, tta=tta, weights=weights)
+    predictor = _load_predictor(run, device, batch_size, tta=tta, weights=weights, cascade_from=cascade_from)
     submission = SubmissionWriter(output, predictor.num_classes, top_k, overwrite, protect, files) if output else None
     try:
         if scores is not None:
@@ -524,6 +590,27 @@ def average(run: Path, last: int | None, steps: str | None, output: Path | None,
                                                          overwrite=overwrite))
     how = f"BatchNorm recomputed on {bn_batches} batches at most" if files else "BatchNorm statistics averaged"
     click.echo(f"averaged steps {', '.join(map(str, averaged))} of {run} ({how}) -> {written}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option("--member", required=True,
+              help="I: member I of the mixture (from 0); I.J: member J of sub-tree I of a mod_nextvlad.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The model file to write [default: RUN/member-I.pt].")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
+              help="Extract from the EMA shadow weights or the raw ones [default: ema when the run has them].")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@usage_errors
+def extract(run: Path, member: str, output: Path | None, weights: str | None, overwrite: bool) -> None:
+    """Write one distilled member of a mix_nextvlad or mod_nextvlad run (a run directory, or a checkpoint or
+    model file) as a model of its own that eval and predict take: the 2019 3rd place's "NeXtVLAD distill"."""
+    from yt8m.train import load_checkpoint
+    from yt8m.train.extract import extract_member
+
+    written = extract_member(run, member, output, weights, overwrite)
+    click.echo(f"extracted member {member} of {run} ({load_checkpoint(written)['model_config']['name']}) -> "
+               f"{written}")
 
 
 @main.command()

@@ -7,7 +7,7 @@ from test_loop import final_weights, make_config
 
 from yt8m.models import build
 from yt8m.train import train
-from yt8m.train.loop import bag_weights
+from yt8m.train.bagging import bag_weights
 
 
 def test_bag_weights_depend_on_the_seed_and_the_video_alone():
@@ -55,3 +55,37 @@ def test_a_mixtures_every_loss_term_takes_the_weights():
     torch.testing.assert_close(model.loss(outputs, labels, torch.ones(3)), model.loss(outputs, labels))
     doubled = model.loss(outputs, labels, torch.full((3,), 2.0))
     torch.testing.assert_close(doubled, 2 * model.loss(outputs, labels))  # every term scaled
+
+
+def test_the_bag_command_trains_the_bags_and_writes_their_mean_ensemble(tiny_corpus, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from yt8m.cli import main
+
+    train_files = ",".join(str(p) for p in tiny_corpus.files["frame"]["train"])
+    validate = ",".join(str(p) for p in tiny_corpus.files["frame"]["validate"])
+    command = ["bag", "dbof", "--bags", "2", "--train-data", train_files, "--valid-data", validate, "--output",
+               str(tmp_path / "bags"), "--num-classes", "12", "--epochs", "1", "--batch-size", "8", "--quiet",
+               "--set", "model_options.num_clusters=16", "--set", "model_options.hidden_size=8",
+               "--set", "max_frames=16", "--set", "device=cpu", "--set", "seed=5"]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    configs = [yaml.safe_load((tmp_path / "bags" / f"bag-{i}" / "config.yaml").read_text()) for i in (1, 2)]
+    assert [(c["bag_seed"], c["seed"]) for c in configs] == [(1, 5), (2, 6)]
+    ensemble = yaml.safe_load((tmp_path / "bags" / "ensemble" / "ensemble.yaml").read_text())
+    assert ensemble["method"] == "mean" and [m["relative"] for m in ensemble["members"]] == ["../bag-1", "../bag-2"]
+    assert ensemble["holdout"]["num_videos"] == 16
+    weights = [final_weights(tmp_path / "bags" / f"bag-{i}") for i in (1, 2)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    again = CliRunner().invoke(main, command)
+    assert again.exit_code == 2 and "pass --resume" in again.output
+    resumed = CliRunner().invoke(main, [*command, "--resume"])
+    assert resumed.exit_code == 0 and resumed.output.count("is finished") == 2, resumed.output
+    assert all(torch.equal(final_weights(tmp_path / "bags" / "bag-1")[k], weights[0][k]) for k in weights[0])
+    no_holdout = CliRunner().invoke(main, [arg for arg in command if arg != validate and arg != "--valid-data"]
+                                    + ["--output", str(tmp_path / "other")])
+    assert no_holdout.exit_code == 2 and "--holdout or --valid-data" in no_holdout.output
+    one = CliRunner().invoke(main, [*command[:2], "--bags", "1", *command[4:]])
+    assert one.exit_code == 2 and "--bags" in one.output

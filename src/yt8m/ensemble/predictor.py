@@ -190,23 +190,18 @@ class RunPredictor:
     kind = "run"
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256,
-                 tta: int = 1, weights: str | None = None):
+                 tta: int = 1, weights: str | None = None, cascade_from: list[str] | None = None):
+        from yt8m.models.cascade import is_cascade
         from yt8m.train import load_checkpoint, resolve_device
-        from yt8m.train.checkpoint import file_digest, model_file, model_from_state, recorded_digest
+        from yt8m.train.checkpoint import chosen_weights, file_digest, model_file, model_from_state, recorded_digest
 
         self.path = Path(path)
         self.device = resolve_device(device)
         self.model_file = model_file(self.path)
         self.model_digest = recorded_digest(self.model_file) or file_digest(self.model_file)
         state = load_checkpoint(self.model_file)
-        if weights not in (None, "ema", "raw"):
-            raise ValueError(f"weights: expected ema or raw, found {weights!r}")
-        if weights == "ema" and not state.get("ema"):
-            raise ValueError(f"{self.model_file} holds no EMA weights (the run trained without ema_halflife); "
-                             "use --weights raw")
-        self.weights = "ema" if state.get("ema") and weights != "raw" else "raw"  # a run's EMA, when it has one
-        self.model = model_from_state({**state, "model": state["ema"]["model"]} if self.weights == "ema" else state,
-                                      self.model_file)
+        self.weights, chosen = chosen_weights(state, weights, self.model_file)  # a run's EMA, when it has one
+        self.model = model_from_state(chosen, self.model_file)
         self.num_classes = self.model.num_classes
         self.level = getattr(self.model, "level", "frame")
         self.batch_size = batch_size
@@ -215,6 +210,17 @@ class RunPredictor:
             else None
         self.max_frames = trained if isinstance(trained, int) and trained >= 1 else run_max_frames(self.path)
         self.tta = tta  # checked by predict_batches, before it reads any data
+        # a cascade's upstream models: those it trained on (their stores stand for their runs), unless given
+        trained_from = state.get("train_config", {}).get("cascade_from") if isinstance(state.get("train_config"),
+                                                                                        dict) else None
+        self.cascade_from = list(cascade_from) if cascade_from else \
+            [trained_from] if isinstance(trained_from, str) else trained_from
+        if cascade_from and not is_cascade(self.model):
+            raise ValueError(f"--cascade-from: {self.model_file} is not a cascade model (it trained without "
+                             "cascade_from)")
+        if is_cascade(self.model) and not self.cascade_from:
+            raise ValueError(f"{self.model_file} is a cascade model whose file names no upstream models: give them "
+                             "with --cascade-from")
 
     def identity(self) -> dict:
         identity = {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),
@@ -222,6 +228,9 @@ class RunPredictor:
         if self.tta > 1 or self.weights == "ema":  # other predictions, another store
             identity.update(tta=self.tta, weights=self.weights,
                             digest=digest_of(self.model_digest, self.tta, self.weights))
+        if self.cascade_from:  # its input depends on its upstream models
+            upstream = [os.path.realpath(source) for source in self.cascade_from]
+            identity.update(cascade_from=upstream, digest=digest_of(identity["digest"], upstream))
         return identity
 
     def cache_folder(self) -> Path:
@@ -233,11 +242,15 @@ class RunPredictor:
     def predict(self, files: list[str], batch_size: int | None = None, progress: bool = True,
                 on_error: str = "raise", desc: str | None = None) -> Iterator[Batch]:
         from yt8m.train import predict_batches
+        from yt8m.train.cascade import CascadeInputs
 
+        batch_size = batch_size or self.batch_size
+        cascade = None if not self.cascade_from else \
+            CascadeInputs(self.cascade_from, files, self.num_classes, self.device, batch_size, progress)
         self.model.to(self.device)
-        return predict_batches(self.model, files, self.num_classes, self.device, batch_size=batch_size or
-                               self.batch_size, max_frames=self.max_frames, progress=progress, on_error=on_error,
-                               desc=desc or f"predict {self.path.name}", tta=self.tta)
+        return predict_batches(self.model, files, self.num_classes, self.device, batch_size=batch_size,
+                               max_frames=self.max_frames, progress=progress, on_error=on_error,
+                               desc=desc or f"predict {self.path.name}", tta=self.tta, cascade=cascade)
 
     def scores(self, files: list[str], top_k: int | None, progress: bool = True) -> ScoreStore:
         return cached_scores(self, files, top_k, progress)
@@ -281,11 +294,13 @@ def source_kind(path: str | os.PathLike) -> str:
 
 
 def load_predictor(path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256,
-                   tta: int = 1, weights: str | None = None):
+                   tta: int = 1, weights: str | None = None, cascade_from: list[str] | None = None):
     """A run directory, checkpoint or model file, prediction store, or ensemble directory, as a predictor;
-    `tta` > 1 (test-time averaging over frame samples) for a run only."""
+    `tta` > 1 (test-time averaging over frame samples), `weights` and `cascade_from` (a cascade's upstream
+    models, in place of those it trained on) for a run only."""
     kind = source_kind(path)
-    for option, given in (("--tta", tta > 1), ("--weights", weights is not None)):
+    for option, given in (("--tta", tta > 1), ("--weights", weights is not None),
+                          ("--cascade-from", bool(cascade_from))):
         if given and kind != "run":
             raise ValueError(f"{option} applies to a run or model file, not to {'an' if kind == 'ensemble' else 'a'} "
                              f"{kind} ({path})")
@@ -295,7 +310,8 @@ def load_predictor(path: str | os.PathLike, device: str | torch.device = "auto",
         from yt8m.ensemble.ensemble import EnsemblePredictor
 
         return EnsemblePredictor(path, device=device, batch_size=batch_size)
-    return RunPredictor(path, device=device, batch_size=batch_size, tta=tta, weights=weights)
+    return RunPredictor(path, device=device, batch_size=batch_size, tta=tta, weights=weights,
+                        cascade_from=cascade_from)
 
 
 __all__ = ["ENSEMBLE_FILE", "RunPredictor", "SCORES_DIR", "StorePredictor", "cached_scores", "data_level",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from yt8m.models.cascade import CascadeHead
 from yt8m.models.layers import l2_normalize
 
 
@@ -42,11 +43,19 @@ class VideoClassifier(nn.Module):
     def forward_features(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+    def forward_head(self, features: torch.Tensor, cascade: torch.Tensor | None = None) -> torch.Tensor:
+        if cascade is None:
+            return self.head(features)
+        if not isinstance(self.head, CascadeHead):
+            raise ValueError(f"model {getattr(self, 'config', {}).get('name', type(self).__name__)} is not a cascade: "
+                             "it takes no upstream predictions")
+        return self.head(features, cascade)
 
-    def forward(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(rgb, audio, num_frames))
+    def forward(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor,
+                cascade: torch.Tensor | None = None) -> torch.Tensor:
+        """`cascade` [B, C]: the upstream models' averaged probabilities, for a cascade model only (its head is a
+        `models.cascade.CascadeHead`)."""
+        return self.forward_head(self.forward_features(rgb, audio, num_frames), cascade)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Binary cross-entropy summed over classes, averaged over the batch; with per-example `weights` [B]

@@ -250,8 +250,8 @@ class LearnablePoolingClassifier(VideoClassifier):
             hidden = F.relu6(hidden)
         return self.gating(hidden) if self.gating is not None else hidden
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        logits = self.head(features)  # [B, C]
+    def forward_head(self, features: torch.Tensor, cascade: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super().forward_head(features, cascade)  # [B, C]
         return self.probability_gating(logits) if self.probability_gating is not None else logits
 
 

@@ -203,12 +203,15 @@ def describe(name: str) -> dict:
             "reported": dict(preset.reported) if preset else {}}
 
 
-def build(name: str, num_classes: int = 3862, *, from_preset: bool = True, **overrides) -> nn.Module:
+def build(name: str, num_classes: int = 3862, *, from_preset: bool = True, cascade_dim: int | None = None,
+          **overrides) -> nn.Module:
     """A model by preset or registered name, with `overrides` on top of the preset's options and the
-    model's defaults (`from_preset=False`: the registered model's defaults only; see `resolve`).
+    model's defaults (`from_preset=False`: the registered model's defaults only; see `resolve`). With
+    `cascade_dim`, its head is replaced by a cascade layer of that projection size (`models.cascade`).
 
     The model's `config` records every argument, so `build(**model.config, from_preset=False)` rebuilds it.
     """
+    from yt8m.models.cascade import add_cascade
     from yt8m.models.layers import apply_conventions
 
     found, preset_options, preset = resolve(name, from_preset)
@@ -217,10 +220,14 @@ def build(name: str, num_classes: int = 3862, *, from_preset: bool = True, **ove
     conventions = {key: arguments.pop(key) for key in COMMON_OPTIONS}
     arguments["num_classes"] = num_classes
     model = found.builder(**arguments)
+    if cascade_dim is not None:
+        add_cascade(model, cascade_dim)
     apply_conventions(model, conventions["batch_norm_convention"], conventions["init_convention"])
     bound = inspect.signature(found.builder).bind(**arguments)
     bound.apply_defaults()
     model.config = {"name": found.name, **bound.arguments, **conventions}
+    if cascade_dim is not None:
+        model.config["cascade_dim"] = cascade_dim
     if preset is not None:
         model.preset = preset.name
     return model

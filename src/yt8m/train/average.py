@@ -22,7 +22,6 @@ from yt8m.train.checkpoint import atomic_save, checkpoint_step, checkpoints, loa
 from yt8m.train.inference import check_output
 
 
-
 def select_checkpoints(run: Path, last: int | None = None, steps: Iterable[int] | None = None) -> list[Path]:
     """The checkpoints of `run` to average: its `last` newest, or those of `steps`, oldest first."""
     found = {checkpoint_step(path): path for path in checkpoints(run)}
@@ -71,13 +70,15 @@ class _Batches(nn.Module):
         self.model = model
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["rgb"], batch["audio"], batch["num_frames"])
+        upstream = (batch["cascade"],) if "cascade" in batch else ()
+        return self.model(batch["rgb"], batch["audio"], batch["num_frames"], *upstream)
 
 
 def recompute_batch_norm(model: nn.Module, data, num_batches: int, batch_size: int, max_frames: int,
-                         num_classes: int) -> int:
+                         num_classes: int, cascade=None) -> int:
     """Recomputes `model`'s BatchNorm statistics on the first `num_batches` training batches of `data`, read
-    as training reads them (the model's frame sampling); returns the batches used."""
+    as training reads them (the model's frame sampling); returns the batches used. A cascade model takes
+    `cascade(ids)`, its upstream input (`train.cascade.CascadeInputs`)."""
     sampling = getattr(model, "train_sampling", None) or {"sampling": "all"}
     loader = make_loader(data, level=model.level, batch_size=batch_size, max_frames=max_frames,
                          num_classes=num_classes, rank=0, world_size=1, shuffle=True, **sampling)
@@ -87,7 +88,8 @@ def recompute_batch_norm(model: nn.Module, data, num_batches: int, batch_size: i
         nonlocal used
         for batch in itertools.islice(loader, num_batches):
             used += 1
-            yield prepare_batch(batch, "cpu")
+            ready = prepare_batch(batch, "cpu")
+            yield ready if cascade is None else {**ready, "cascade": cascade(batch["id"])}
 
     torch.optim.swa_utils.update_bn(batches(), _Batches(model))
     if used == 0:
@@ -116,8 +118,13 @@ def average_run(run: str | os.PathLike, output: str | os.PathLike | None = None,
     model = model_from_state({**newest, "model": average_states([state["model"] for state in states])}, paths[-1])
     train_config = newest.get("train_config", {})
     if update_bn:
+        cascade = None
+        if train_config.get("cascade_from"):
+            from yt8m.train.cascade import CascadeInputs
+
+            cascade = CascadeInputs(train_config["cascade_from"], update_bn, model.num_classes, "cpu")
         recompute_batch_norm(model, update_bn, bn_batches, bn_batch_size, train_config.get("max_frames", 300),
-                             model.num_classes)
+                             model.num_classes, cascade)
     atomic_save({"model": model.state_dict(), "model_config": newest["model_config"], "train_config": train_config,
                  "averaged_steps": chosen, "batch_norm": "recomputed" if update_bn else "averaged"}, output)
     return output, chosen

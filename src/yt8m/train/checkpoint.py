@@ -242,8 +242,21 @@ def model_file(path: str | os.PathLike) -> Path:
     return sources[0]
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+def chosen_weights(state: dict, weights: str | None, source: Path) -> tuple[str, dict]:
+    """("ema" or "raw", the model state of those weights) of a checkpoint or model `state`: `weights` None takes
+    the EMA shadow weights where the file has them (as `eval` and `predict` do), "ema" requires them."""
+    if weights not in (None, "ema", "raw"):
+        raise ValueError(f"weights: expected ema or raw, found {weights!r}")
+    if weights == "ema" and not state.get("ema"):
+        raise ValueError(f"{source} holds no EMA weights (the run trained without ema_halflife); use --weights raw")
+    chosen = "ema" if state.get("ema") and weights != "raw" else "raw"
+    return chosen, {**state, "model": state["ema"]["model"]} if chosen == "ema" else state
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+               weights: str | None = None) -> nn.Module:
     """The trained model of a run directory (its final model, else its latest checkpoint), or of one
-    checkpoint or model file, in eval mode. Loads with `weights_only=True` and checks digests."""
+    checkpoint or model file, in eval mode, with the weights `eval` uses (`chosen_weights`: the EMA where the
+    file has one, unless `weights="raw"`). Loads with `weights_only=True` and checks digests."""
     source = model_file(path)
-    return model_from_state(load_checkpoint(source, map_location), source)
+    return model_from_state(chosen_weights(load_checkpoint(source, map_location), weights, source)[1], source)

@@ -72,6 +72,8 @@ class TrainConfig:
     boost_from: str | list[str] | None = None  # boosting: the earlier rounds' prediction stores on the training data
     boost_alpha: float = 1.0            # w = exp(alpha * r * (1 - PERR)) per round, renormalised to mean 1,
     boost_clip: float = 5.0             # and clipped at boost_clip
+    cascade_from: str | list[str] | None = None  # cascade: upstream models' stores on the training data (or runs)
+    cascade_dim: int = 256              # their averaged predictions projected to this size, beside the features
 
     def __post_init__(self):
         for name, annotation in _field_types().items():  # types first: the checks below compare values
@@ -97,6 +99,9 @@ class TrainConfig:
             (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
             (self.boost_alpha > 0, f"boost_alpha must be > 0, got {self.boost_alpha}"),
             (self.boost_from is None or len(self.boost_from) > 0, "boost_from must name a store, got an empty list"),
+            (self.cascade_from is None or len(self.cascade_from) > 0,
+             "cascade_from must name a store, run or ensemble, got an empty list"),
+            (self.cascade_dim >= 1, f"cascade_dim must be >= 1, got {self.cascade_dim}"),
             (self.boost_clip >= 1, f"boost_clip must be >= 1 (weights have mean 1), got {self.boost_clip}"),
             (self.bag_seed is None or 0 <= self.bag_seed < 2**32,
              f"bag_seed must be in [0, 2**32), got {self.bag_seed}"),
@@ -154,6 +159,11 @@ class TrainConfig:
         from yt8m.train.checkpoint import atomic_write_text
 
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def cascade_dim(config: TrainConfig) -> int | None:
+    """The cascade layer's projection size of the model a config trains: None without `cascade_from`."""
+    return config.cascade_dim if config.cascade_from else None
 
 
 def preset_recipe(model: str) -> dict:
@@ -237,10 +247,10 @@ def _check_numbers(key: str, value) -> None:
                          f"(magnitude <= {FLOAT32_MAX:.4g}), found {value!r}")
 
 
-def validate_model_options(model: str, options: Mapping, num_classes: int) -> None:
+def validate_model_options(model: str, options: Mapping, num_classes: int, cascade_dim: int | None = None) -> None:
     """Checks model options before anything runs: names and types against the builder's signature,
-    sizes and counts positive, and then builds the model on the meta device (no memory, no time),
-    turning whatever that raises into a ValueError naming the options."""
+    sizes and counts positive, and then builds the model (a cascade of `cascade_dim` when given) on the meta
+    device (no memory, no time), turning whatever that raises into a ValueError naming the options."""
     found, _, _ = resolve(model)
     check_option_names(model, found, options)
     hints = typing.get_type_hints(found.builder.__init__ if inspect.isclass(found.builder) else found.builder)
@@ -252,9 +262,10 @@ def validate_model_options(model: str, options: Mapping, num_classes: int) -> No
             raise ValueError(f"{key}: expected a positive int (a size or count), found {value}")
     try:
         with torch.device("meta"):
-            build(model, num_classes=num_classes, **options)
+            build(model, num_classes=num_classes, cascade_dim=cascade_dim, **options)
     except Exception as error:  # any failure of the builder is a consequence of these options
-        raise ValueError(f"model {model!r} cannot be built with model_options {dict(options)}: "
+        cascade = f" as a cascade (cascade_from, cascade_dim {cascade_dim})" if cascade_dim is not None else ""
+        raise ValueError(f"model {model!r} cannot be built{cascade} with model_options {dict(options)}: "
                          f"{type(error).__name__}: {error}") from error
 
 

@@ -85,8 +85,8 @@ def check_tta(model: nn.Module, tta: int) -> None:
 
 def predict_batches(model: nn.Module, data, num_classes: int, device: torch.device, batch_size: int = 256,
                     max_frames: int = 300, precision: str = "fp32", num_workers: int = 0, on_error: str = "raise",
-                    progress: bool = True, desc: str = "predict", tta: int = 1,
-                    seed: int = EVAL_SEED) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+                    progress: bool = True, desc: str = "predict", tta: int = 1, seed: int = EVAL_SEED,
+                    cascade=None) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """Yield (ids, probabilities [B, C] float32 on the CPU, labels [B, C]) over all records of `data`.
 
     A model that samples frames at evaluation (`model.eval_sampling`, as the starter's DBoF and WILLOW's
@@ -95,8 +95,9 @@ def predict_batches(model: nn.Module, data, num_classes: int, device: torch.devi
     averaging, the 2018 4th place's +0.0005), a model that samples frames in training
     (`model.train_sampling`) predicts each video from N samples drawn so, from seeds `seed` to `seed + N - 1`,
     and the N probabilities are averaged; a model that reads every frame is a ValueError (nothing would
-    change). `on_error="skip"` skips corrupt records with a warning; the progress bar shows the batches of
-    the pass against their total, an ETA and videos per second.
+    change). A cascade model takes `cascade(ids)`, its upstream models' averaged probabilities
+    (`train.cascade.CascadeInputs`). `on_error="skip"` skips corrupt records with a warning; the progress
+    bar shows the batches of the pass against their total, an ETA and videos per second.
     """
     check_tta(model, tta)
     sampling = (getattr(model, "train_sampling", None) if tta > 1 else getattr(model, "eval_sampling", None)) \
@@ -111,10 +112,11 @@ def predict_batches(model: nn.Module, data, num_classes: int, device: torch.devi
         start, videos = time.perf_counter(), 0
         for draws in zip(*loaders):  # the same videos in the same order, each with its own frames
             probabilities = 0
+            upstream = () if cascade is None else (cascade(draws[0]["id"]).to(device),)
             for batch in draws:
                 ready = prepare_batch(batch, device)
                 with autocast(device, precision):
-                    logits = model(ready["rgb"], ready["audio"], ready["num_frames"])
+                    logits = model(ready["rgb"], ready["audio"], ready["num_frames"], *upstream)
                 probabilities = probabilities + torch.sigmoid(logits.float()).cpu()
             batch = draws[0]
             yield batch["id"], probabilities / tta if tta > 1 else probabilities, batch["labels"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,9 @@ from yt8m.data import CorruptRecordError, count_records_many, make_loader, prepa
 from yt8m.data.records import expand_paths
 from yt8m.metrics import gap, hit_at_one, perr
 from yt8m.models import build
+from yt8m.models.cascade import is_cascade
 from yt8m.models.registry import resolve, upgrade_options
+from yt8m.train.bagging import bag_weights
 from yt8m.train.checkpoint import (
     FINAL_MODEL,
     CheckpointError,
@@ -49,7 +50,7 @@ from yt8m.train.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from yt8m.train.config import TrainConfig, recipe_origin, validate_model_options
+from yt8m.train.config import TrainConfig, cascade_dim, recipe_origin, validate_model_options
 from yt8m.train.inference import autocast, evaluate, progress_total, resolve_device
 from yt8m.train.lock import RunLock
 
@@ -58,7 +59,7 @@ MODEL_CONFIG_FILE = "model_config.yaml"  # the built model's every option
 TRAIN_FILES_FILE = "train_files.txt"  # the training files, resolved: what an ensemble's holdout must not overlap
 METRICS_FILE = "metrics.jsonl"
 # what must match between a run and the configuration that resumes it
-RESUME_KEYS = ("model", "num_classes", "model_options")
+RESUME_KEYS = ("model", "num_classes", "model_options", "cascade_from", "cascade_dim")
 
 
 class TrainingError(RuntimeError):
@@ -122,21 +123,6 @@ def distillation_targets(teacher, ids: list[str], labels: torch.Tensor, weight: 
     return weight * labels + (1 - weight) * teacher.dense(rows).to(labels.device)
 
 
-_POISSON_ONE_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(20)])  # P(count <= k)
-
-
-def bag_weights(ids: list[str], seed: int) -> torch.Tensor:
-    """Bagging's bootstrap as per-example weights [B]: each video's count of draws, Poisson(1) (the streaming
-    bootstrap: a sample of N draws with replacement out of N videos gives each a Binomial(N, 1/N) count,
-    Poisson(1) as N grows), by the inverse CDF of a uniform from a keyed BLAKE2b hash of the video id (key:
-    the seed), so that a video weighs the same in every epoch, on every rank and worker, without a pass over
-    the data."""
-    key = seed.to_bytes(4, "little")
-    uniform = np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=key).digest(), "big")
-                        for i in ids], dtype=np.float64) / 2.0**64
-    return torch.from_numpy(np.searchsorted(_POISSON_ONE_CDF, uniform, side="right").astype(np.float32))
-
-
 def example_weights(batch: dict, config: TrainConfig, booster, device: torch.device) -> torch.Tensor | None:
     """The per-example loss weights [B] of a batch (bagging's counts times boosting's weights), None if neither."""
     weights = None if config.bag_seed is None else bag_weights(batch["id"], config.bag_seed)
@@ -148,19 +134,20 @@ def example_weights(batch: dict, config: TrainConfig, booster, device: torch.dev
 
 def forward_backward(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                      config: TrainConfig, device: torch.device, scaler: torch.amp.GradScaler | None = None,
-                     targets: torch.Tensor | None = None,
-                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     targets: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                     cascade: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step up to the update: forward, loss (+ L2 on the classifier), backward, clip.
 
     `forward` is the model as called (wrapped by DDP or torch.compile); `batch` is dequantized
     on the device. With a gradient `scaler` (fp16), the loss is scaled for the backward pass and
     the gradients unscaled before clipping; `scaler.step(optimizer)` then skips an update whose
     gradients overflowed. `targets` replace the labels in the loss (distillation's soft targets);
-    `weights` [B] weight each example's loss (bagging).
+    `weights` [B] weight each example's loss (bagging, boosting); `cascade` [B, C] is a cascade model's
+    upstream input.
     Returns (loss, logits, global gradient norm before clipping).
     """
     with autocast(device, config.precision):
-        outputs = forward(batch["rgb"], batch["audio"], batch["num_frames"])
+        outputs = forward(batch["rgb"], batch["audio"], batch["num_frames"], *(() if cascade is None else (cascade,)))
         # the one path of per-example weights; a model with members adds its own terms
         labels = batch["labels"] if targets is None else targets
         loss = model.loss(outputs, labels) if weights is None else model.loss(outputs, labels, weights)
@@ -284,7 +271,7 @@ def _upgraded(config: dict) -> dict:
 def check_resumable(saved: dict, current: dict, run: str) -> None:
     """Raises ValueError naming each of RESUME_KEYS that `current` sets (not None) to another value than
     the run's config `saved`; `run` says which run (and file) it is."""
-    saved, current = _upgraded(saved), _upgraded(current)
+    saved, current = {**TrainConfig.defaults(), **_upgraded(saved)}, _upgraded(current)  # older: the defaults
     differ = [f"{key}: the run has {saved.get(key)!r}, this command {current[key]!r}"
               for key in RESUME_KEYS if current.get(key) is not None and saved.get(key) != current[key]]
     if differ:
@@ -362,7 +349,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     Rank 0 holds the run directory's lock for the whole run (RunLockedError, a ValueError, when
     another process holds it).
     """
-    validate_model_options(config.model, config.model_options, config.num_classes)
+    validate_model_options(config.model, config.model_options, config.num_classes, cascade_dim(config))
     rank, world_size, device = setup_distributed(config.device)
     with RunLock(config.output) if rank == 0 else contextlib.nullcontext():
         return _train(config, resume, progress, rank, world_size, device)
@@ -403,7 +390,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
     seed_everything(config.seed)
     # a resumed run is the model its checkpoint records (a preset edited since cannot change it)
     model = (model_from_config(state["model_config"]) if state is not None
-             else build(config.model, num_classes=config.num_classes, **config.model_options)).to(device)
+             else build(config.model, num_classes=config.num_classes, cascade_dim=cascade_dim(config),
+                        **config.model_options)).to(device)
     base_lr = config.lr or getattr(model, "default_lr", 0.01)
     batch_size = config.batch_size or (1024 if model.level == "video" else 128)
     sampling = model.train_sampling or {"sampling": "all"}
@@ -443,6 +431,15 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         if teacher.num_classes != config.num_classes:
             raise ValueError(f"distill_from: {teacher.path} scores {teacher.num_classes} classes, the run "
                              f"{config.num_classes}")
+    cascade = valid_cascade = None
+    if is_cascade(model) != bool(config.cascade_from):
+        raise ValueError(f"{run_dir}: the model {'is' if is_cascade(model) else 'is not'} a cascade, but cascade_from "
+                         f"is {config.cascade_from!r}: resume with the run's cascade_from")
+    if config.cascade_from:
+        from yt8m.train.cascade import CascadeInputs
+
+        cascade = CascadeInputs(config.cascade_from, config.train_data, config.num_classes, device,
+                                config.eval_batch_size, progress)
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(wrapped) if config.compile else wrapped
 
@@ -539,8 +536,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                         targets = None if teacher is None else \
                             distillation_targets(teacher, batch["id"], batch["labels"], config.distill_weight)
                         weights = example_weights(batch, config, booster, device)
+                        upstream = None if cascade is None else cascade(batch["id"]).to(device)
                         loss, logits, grad_norm = forward_backward(model, forward, optimizer, batch, config, device,
-                                                                   scaler, targets, weights)
+                                                                   scaler, targets, weights, upstream)
                         overflow = scaler is not None and not torch.isfinite(grad_norm)  # the scaler skips it
                         if not (torch.isfinite(loss) and (overflow or torch.isfinite(grad_norm))):
                             what = f"loss is {loss.item()}" if not torch.isfinite(loss) else \
@@ -599,11 +597,14 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                 else:
                     checkpoint(epoch + 1, 0)
                 if config.valid_data is not None and main_rank:
+                    if cascade is not None and valid_cascade is None:
+                        valid_cascade = CascadeInputs(config.cascade_from, config.valid_data, config.num_classes,
+                                                      device, config.eval_batch_size, progress)
                     summary["valid"] = evaluate(ema.module if ema is not None else model, config.valid_data,
                                                 config.num_classes, device,
                                                 batch_size=config.eval_batch_size, max_frames=config.max_frames,
                                                 precision=config.precision, progress=progress,
-                                                on_error=config.on_error)
+                                                on_error=config.on_error, cascade=valid_cascade)
                     log.write({"step": step, "epoch": epoch + 1,
                                **{f"valid_{k}": v for k, v in summary["valid"].items()}})
                     if progress:
