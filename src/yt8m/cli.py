@@ -276,6 +276,8 @@ def bag(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple
     """Bagging: train --bags runs of MODEL, each on its own Poisson(1) bootstrap of --train-data (bag_seed 1..K,
     seed + 0..K-1), into OUTPUT/bag-1 ... OUTPUT/bag-K, and write their mean ensemble OUTPUT/ensemble, which
     eval and predict take. --resume continues an interrupted bagging."""
+    import torch.distributed as dist
+
     from yt8m.train.bagging import train_bags
 
     # the flags make the config (a resumed bagging repeats its command): each bag's checkpoint is checked against it
@@ -286,8 +288,9 @@ def bag(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple
         _resolve_data(holdout_patterns, "--holdout")
     start = time.perf_counter()
     ensemble = _training(lambda: train_bags(config, bags, holdout_patterns, resume=resume, progress=not quiet))
-    click.echo(f"trained {bags} bags of {model} in {time.perf_counter() - start:.0f} s -> {output}; their mean "
-               f"ensemble: {ensemble}")
+    if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 reports
+        click.echo(f"trained {bags} bags of {model} in {time.perf_counter() - start:.0f} s -> {output}; their "
+                   f"mean ensemble: {ensemble}")
     _leave_process_group()
 
 
@@ -370,8 +373,8 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
               help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema when it "
                    "has them].")
 @click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
-              help="A cascade run's upstream models (stores on --data, runs or ensembles), in its cascade_from order "
-                   "[default: those it trained on]; repeatable.")
+              help="A cascade run's upstream models, one for each it trained on: stores on --data (used as they are), "
+                   "runs or ensembles [default: those it trained on]; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @usage_errors
 def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None, top_k: int, batch_size: int,
@@ -442,8 +445,8 @@ SCORES_TOP_K_HELP = "Classes kept per video in a store: a positive integer, or a
               help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema when it "
                    "has them].")
 @click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
-              help="A cascade run's upstream models (stores on --data, runs or ensembles), in its cascade_from order "
-                   "[default: those it trained on]; repeatable.")
+              help="A cascade run's upstream models, one for each it trained on: stores on --data (used as they are), "
+                   "runs or ensembles [default: those it trained on]; repeatable.")
 @usage_errors
 def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path | None, scores_top_k: str,
             overwrite: bool, top_k: int, batch_size: int, device: str, tta: int, weights: str | None,

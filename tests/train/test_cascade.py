@@ -1,3 +1,7 @@
+import dataclasses
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,15 +9,14 @@ from click.testing import CliRunner
 from test_loop import make_config
 
 from yt8m.cli import main
-
 from yt8m.ensemble import load_predictor
 from yt8m.ensemble.store import ScoreStore, copy_store, write_store
 from yt8m.models import build
 from yt8m.models.cascade import CascadeHead, is_cascade
 from yt8m.models.layers import l2_normalize
-from yt8m.train import read_submission, train
-from yt8m.train.cascade import CascadeInputs
-from yt8m.train.checkpoint import model_from_config
+from yt8m.train import TrainConfig, read_submission, train
+from yt8m.train.cascade import CascadeInputs, upstream_store
+from yt8m.train.checkpoint import atomic_save, model_from_config
 from yt8m.train.loop import check_resumable
 
 CLASSES = 12
@@ -115,7 +118,7 @@ def test_a_cascade_trains_on_a_store_and_predicts_with_its_upstream_run_on_other
         load_predictor(zeros, cascade_from=[str(zeros)])
 
 
-def test_a_cascade_run_resumes_only_with_its_upstream_models(tmp_path):
+def test_a_cascade_run_resumes_only_with_its_upstream_models():
     saved = {"model": "dbof", "num_classes": CLASSES, "model_options": {}, "cascade_from": ["a"], "cascade_dim": 8}
     check_resumable(saved, dict(saved), "run")
     with pytest.raises(ValueError, match="cascade_from: the run has \\['a'\\], this command \\['b'\\]"):
@@ -123,10 +126,58 @@ def test_a_cascade_run_resumes_only_with_its_upstream_models(tmp_path):
     with pytest.raises(ValueError, match="cascade_dim"):
         check_resumable(saved, {**saved, "cascade_dim": 4}, "run")
     check_resumable({"model": "dbof", "num_classes": CLASSES, "model_options": {}},  # saved before the keys existed
-                    {"model": "dbof", "num_classes": CLASSES, "model_options": {}, "cascade_dim": 256}, "run")
+                    {"model": "dbof", "num_classes": CLASSES, "model_options": {}, "cascade_dim": None}, "run")
 
 
-def test_cascade_head_refuses_a_model_without_one_head():
+def test_the_cascade_keys_are_checked_and_the_upstream_paths_recorded_absolute(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cascade_dim must be >= 1"):
         build("dbof", num_classes=CLASSES, num_clusters=16, hidden_size=8, cascade_dim=0)
     assert isinstance(build("logistic", num_classes=CLASSES, cascade_dim=3).head, CascadeHead)
+    values = {"model": "dbof", "train_data": "t", "output": "o"}
+    with pytest.raises(ValueError, match="cascade_dim .* needs cascade_from"):
+        TrainConfig(**values, cascade_dim=8)
+    with pytest.raises(ValueError, match="cascade_from must name"):
+        TrainConfig(**values, cascade_from=[])
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(**values, cascade_from="stores/up").cascade_from == [os.path.join(tmp_path, "stores/up")]
+
+
+def test_a_cascade_resumes_and_reads_a_run_as_its_upstream_model(tiny_corpus, tmp_path):
+    train(make_config(tiny_corpus, tmp_path / "upstream", model="frame_logistic", epochs=1), progress=False)
+    config = make_config(tiny_corpus, tmp_path / "cascade", epochs=1, cascade_from=[str(tmp_path / "upstream")],
+                         cascade_dim=4)
+    first = train(config, progress=False)["steps"]
+    assert train(dataclasses.replace(config, epochs=2), resume=True, progress=False)["steps"] > first
+    with pytest.raises(ValueError, match="is a cascade, but cascade_from is None"):
+        train(dataclasses.replace(config, epochs=3, cascade_from=None, cascade_dim=None), resume=True,
+              progress=False)
+    test = [str(p) for p in tiny_corpus.files["frame"]["test"]]
+    assert sum(len(ids) for ids, _, _ in load_predictor(tmp_path / "cascade").predict(test, progress=False)) == 8
+
+
+def test_a_store_stands_for_its_run_with_the_weights_it_was_written_with(tiny_corpus, tmp_path):
+    files = {split: [str(p) for p in tiny_corpus.files["frame"][split]] for split in ("train", "test")}
+    train(make_config(tiny_corpus, tmp_path / "up", model="frame_logistic", ema_halflife=2.0), progress=False)
+    for weights in ("raw", "ema"):
+        store = load_predictor(tmp_path / "up", weights=weights).scores(files["train"], top_k=5, progress=False)
+        on_test = upstream_store(str(store.path), files["test"])
+        assert on_test.source.get("weights", "raw") == weights and on_test.top_k == 5
+        expected = load_predictor(tmp_path / "up", weights=weights).scores(files["test"], top_k=5, progress=False)
+        assert on_test.path == expected.path  # the same cached store: the same predictions
+    assert upstream_store(str(store.path), files["test"], stand_in=False).path == store.path  # used as it is
+
+
+def test_a_cascades_cache_key_follows_its_upstream_models(tmp_path):
+    ids = [str(i) for i in range(3)]
+    store = write_store(tmp_path / "up", [(ids, torch.rand(3, CLASSES))], CLASSES, top_k=None)
+    model = build("dbof", num_classes=CLASSES, num_clusters=16, hidden_size=8, cascade_dim=4)
+    path = tmp_path / "cascade.pt"
+    atomic_save({"model": model.state_dict(), "model_config": model.config,
+                 "train_config": {"cascade_from": [str(store)], "max_frames": 40}}, path)
+    before = load_predictor(path).identity()["digest"]
+    assert load_predictor(path).identity()["digest"] == before
+    shutil.rmtree(store)
+    write_store(tmp_path / "up", [(ids, torch.rand(3, CLASSES))], CLASSES, top_k=None)
+    assert load_predictor(path).identity()["digest"] != before  # a rewritten upstream store, another cache entry
+    with pytest.raises(ValueError, match="trained on the mean of 1 upstream model.*2 given"):
+        load_predictor(path, cascade_from=[str(store), str(store)])

@@ -211,16 +211,21 @@ class RunPredictor:
         self.max_frames = trained if isinstance(trained, int) and trained >= 1 else run_max_frames(self.path)
         self.tta = tta  # checked by predict_batches, before it reads any data
         # a cascade's upstream models: those it trained on (their stores stand for their runs), unless given
-        trained_from = state.get("train_config", {}).get("cascade_from") if isinstance(state.get("train_config"),
-                                                                                        dict) else None
-        self.cascade_from = list(cascade_from) if cascade_from else \
-            [trained_from] if isinstance(trained_from, str) else trained_from
+        train_config = state.get("train_config") if isinstance(state.get("train_config"), dict) else {}
+        trained_from = train_config.get("cascade_from") or []
+        trained_from = [trained_from] if isinstance(trained_from, str) else list(trained_from)
+        self.cascade_given = bool(cascade_from)
+        self.cascade_from = list(cascade_from) if cascade_from else trained_from
+        self._upstream_digest = None
         if cascade_from and not is_cascade(self.model):
             raise ValueError(f"--cascade-from: {self.model_file} is not a cascade model (it trained without "
                              "cascade_from)")
         if is_cascade(self.model) and not self.cascade_from:
             raise ValueError(f"{self.model_file} is a cascade model whose file names no upstream models: give them "
                              "with --cascade-from")
+        if cascade_from and trained_from and len(cascade_from) != len(trained_from):
+            raise ValueError(f"--cascade-from: {self.model_file} trained on the mean of {len(trained_from)} upstream "
+                             f"model(s), {len(cascade_from)} given; give one source for each")
 
     def identity(self) -> dict:
         identity = {"kind": "run", "path": str(self.path.resolve()), "model_file": str(self.model_file.resolve()),
@@ -228,9 +233,14 @@ class RunPredictor:
         if self.tta > 1 or self.weights == "ema":  # other predictions, another store
             identity.update(tta=self.tta, weights=self.weights,
                             digest=digest_of(self.model_digest, self.tta, self.weights))
-        if self.cascade_from:  # its input depends on its upstream models
+        if self.cascade_from:  # its input depends on its upstream models, as they are now
+            from yt8m.train.cascade import upstream_digest
+
+            if self._upstream_digest is None:
+                self._upstream_digest = upstream_digest(self.cascade_from)
             upstream = [os.path.realpath(source) for source in self.cascade_from]
-            identity.update(cascade_from=upstream, digest=digest_of(identity["digest"], upstream))
+            identity.update(cascade_from=upstream, digest=digest_of(identity["digest"], upstream,
+                                                                    self._upstream_digest, self.cascade_given))
         return identity
 
     def cache_folder(self) -> Path:
@@ -246,7 +256,8 @@ class RunPredictor:
 
         batch_size = batch_size or self.batch_size
         cascade = None if not self.cascade_from else \
-            CascadeInputs(self.cascade_from, files, self.num_classes, self.device, batch_size, progress)
+            CascadeInputs(self.cascade_from, files, self.num_classes, self.device, batch_size, progress,
+                          stand_in=not self.cascade_given)
         self.model.to(self.device)
         return predict_batches(self.model, files, self.num_classes, self.device, batch_size=batch_size,
                                max_frames=self.max_frames, progress=progress, on_error=on_error,

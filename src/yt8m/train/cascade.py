@@ -7,7 +7,8 @@ validation files during training, the files of `eval` and `predict`), a store th
 data stands for the model that wrote it (its header's `source`): that model scores the data once, with the
 store's top k (and the same test-time averaging and weights), cached in its own folder (RUN/scores), so that
 the cascade sees the same kind of input at training and at test time. `eval` and `predict --cascade-from`
-give other sources, in the same order, where the upstream models have moved.
+give other sources, as many as it trained on (stores on the data at hand, used as they are; runs or
+ensembles), where the upstream models have moved.
 """
 
 from __future__ import annotations
@@ -27,39 +28,71 @@ def covers(store: ScoreStore, files: Sequence[str]) -> bool:
     return {os.path.realpath(path) for path in files} <= set(store.data.get("files", []))
 
 
+def _producer(store: ScoreStore, device: str | torch.device = "auto", batch_size: int = 256):
+    """The predictor of the run or ensemble that wrote `store`, as it wrote it (its weights, test-time averaging
+    and, for a cascade, upstream models), or None when the store names none that exists."""
+    from yt8m.ensemble.predictor import load_predictor
+
+    producer = store.source
+    if producer.get("kind") not in ("run", "ensemble") or not os.path.exists(producer.get("path", "")):
+        return None
+    # a run's identity names its weights when they are the EMA (or with tta): without the key they were raw
+    options = {"tta": producer.get("tta", 1), "weights": producer.get("weights", "raw"),
+               "cascade_from": producer.get("cascade_from")} if producer["kind"] == "run" else {}
+    return load_predictor(producer["path"], device=device, batch_size=batch_size, **options)
+
+
 def upstream_store(source: str, files: Sequence[str], device: str | torch.device = "auto", batch_size: int = 256,
-                   progress: bool = False) -> ScoreStore:
-    """The predictions of the upstream model `source` (a store, a run or an ensemble) on `files`, as a store."""
+                   progress: bool = False, stand_in: bool = True) -> ScoreStore:
+    """The predictions of the upstream model `source` (a store, a run or an ensemble) on `files`, as a store.
+    With `stand_in`, a store not written on `files` stands for the run or ensemble that wrote it, which scores
+    them; else a store is used as it is (a video it lacks is named when asked for)."""
     from yt8m.ensemble.predictor import load_predictor, source_kind
 
-    kind = source_kind(source)
-    if kind != "store":
+    if source_kind(source) != "store":
         return load_predictor(source, device=device, batch_size=batch_size).scores(list(files), DEFAULT_TOP_K,
                                                                                    progress)
     store = ScoreStore(source)
-    producer = store.source
-    if covers(store, files) or producer.get("kind") not in ("run", "ensemble") or \
-            not os.path.exists(producer.get("path", "")):
-        return store  # rows_of names any video it lacks
-    options = {"tta": producer.get("tta", 1), "weights": producer.get("weights")} if producer["kind"] == "run" else {}
-    predictor = load_predictor(producer["path"], device=device, batch_size=batch_size, **options)
-    if predictor.identity()["digest"] != producer.get("digest"):
-        warnings.warn(f"cascade_from: {producer['path']} has changed since it wrote {source}: the cascade's input on "
-                      "other data comes from its model as it is now", stacklevel=2)
-    return predictor.scores(list(files), store.top_k, progress)
+    producer = None if covers(store, files) or not stand_in else _producer(store, device, batch_size)
+    if producer is None:
+        return store
+    if producer.identity()["digest"] != store.source.get("digest"):
+        warnings.warn(f"cascade_from: {store.source['path']} has changed since it wrote {source}: the cascade's "
+                      "input on other data comes from its model as it is now", stacklevel=2)
+    return producer.scores(list(files), store.top_k, progress)
+
+
+def upstream_digest(sources: Sequence[str]) -> str:
+    """A digest of what the upstream models `sources` predict now: each store's header and its arrays' sizes and
+    modification times (and the current digest of the run that wrote it, which stands in for it on other data),
+    each run's or ensemble's own digest. A cascade's cached predictions are keyed by it."""
+    from yt8m.ensemble.predictor import digest_of, load_predictor, source_kind
+
+    parts = []
+    for source in sources:
+        if source_kind(source) == "store":
+            store = ScoreStore(source)
+            producer = _producer(store, "cpu")
+            written = [(path.name, path.stat().st_size, path.stat().st_mtime_ns)
+                       for path in sorted(store.path.glob("*.npy"))]
+            parts.append([store.header, written, producer.identity()["digest"] if producer is not None else None])
+        else:
+            parts.append(load_predictor(source, device="cpu").identity()["digest"])
+    return digest_of(parts)
 
 
 class CascadeInputs:
     """`inputs(ids)` -> the mean of the upstream models' probabilities [B, C] (float32, CPU) of those videos; 0
-    for a class outside a store's top k."""
+    for a class outside a store's top k. `stand_in`: see `upstream_store` (True for the stores a cascade trained
+    on, False for stores given for the data at hand)."""
 
     def __init__(self, sources: str | Sequence[str], data, num_classes: int, device: str | torch.device = "auto",
-                 batch_size: int = 256, progress: bool = False):
+                 batch_size: int = 256, progress: bool = False, stand_in: bool = True):
         sources = [sources] if isinstance(sources, str) else list(sources)
         if not sources:
             raise ValueError("cascade_from: expected at least one upstream model's store, run or ensemble")
         files = expand_paths(data)
-        self.stores = [upstream_store(source, files, device, batch_size, progress) for source in sources]
+        self.stores = [upstream_store(source, files, device, batch_size, progress, stand_in) for source in sources]
         for source, store in zip(sources, self.stores):
             if store.num_classes != num_classes:
                 raise ValueError(f"cascade_from: {source} scores {store.num_classes} classes, the model "
@@ -78,4 +111,4 @@ class CascadeInputs:
         return total / len(self.stores)
 
 
-__all__ = ["CascadeInputs", "covers", "upstream_store"]
+__all__ = ["CascadeInputs", "covers", "upstream_digest", "upstream_store"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import types
 import typing
@@ -73,7 +74,7 @@ class TrainConfig:
     boost_alpha: float = 1.0            # w = exp(alpha * r * (1 - PERR)) per round, renormalised to mean 1,
     boost_clip: float = 5.0             # and clipped at boost_clip
     cascade_from: str | list[str] | None = None  # cascade: upstream models' stores on the training data (or runs)
-    cascade_dim: int = 256              # their averaged predictions projected to this size, beside the features
+    cascade_dim: int | None = None      # their averaged predictions projected to this size (None: 256)
 
     def __post_init__(self):
         for name, annotation in _field_types().items():  # types first: the checks below compare values
@@ -101,7 +102,9 @@ class TrainConfig:
             (self.boost_from is None or len(self.boost_from) > 0, "boost_from must name a store, got an empty list"),
             (self.cascade_from is None or len(self.cascade_from) > 0,
              "cascade_from must name a store, run or ensemble, got an empty list"),
-            (self.cascade_dim >= 1, f"cascade_dim must be >= 1, got {self.cascade_dim}"),
+            (self.cascade_dim is None or self.cascade_dim >= 1, f"cascade_dim must be >= 1, got {self.cascade_dim}"),
+            (self.cascade_dim is None or self.cascade_from is not None,
+             f"cascade_dim ({self.cascade_dim}) needs cascade_from: it sizes the cascade layer"),
             (self.boost_clip >= 1, f"boost_clip must be >= 1 (weights have mean 1), got {self.boost_clip}"),
             (self.bag_seed is None or 0 <= self.bag_seed < 2**32,
              f"bag_seed must be in [0, 2**32), got {self.bag_seed}"),
@@ -122,6 +125,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if isinstance(self.cascade_from, str):
+            self.cascade_from = [self.cascade_from]
+        if self.cascade_from is not None:  # eval and predict read them again, from wherever they run
+            self.cascade_from = [os.path.abspath(source) for source in self.cascade_from]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,9 +168,12 @@ class TrainConfig:
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+DEFAULT_CASCADE_DIM = 256
+
+
 def cascade_dim(config: TrainConfig) -> int | None:
     """The cascade layer's projection size of the model a config trains: None without `cascade_from`."""
-    return config.cascade_dim if config.cascade_from else None
+    return (config.cascade_dim or DEFAULT_CASCADE_DIM) if config.cascade_from else None
 
 
 def preset_recipe(model: str) -> dict:

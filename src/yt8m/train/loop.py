@@ -435,11 +435,18 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
     if is_cascade(model) != bool(config.cascade_from):
         raise ValueError(f"{run_dir}: the model {'is' if is_cascade(model) else 'is not'} a cascade, but cascade_from "
                          f"is {config.cascade_from!r}: resume with the run's cascade_from")
-    if config.cascade_from:
+    if config.cascade_from:  # before the first step: rank 0 scores what the upstream runs must, the others read it
         from yt8m.train.cascade import CascadeInputs
 
+        if world_size > 1 and not main_rank:
+            dist.barrier()
         cascade = CascadeInputs(config.cascade_from, config.train_data, config.num_classes, device,
                                 config.eval_batch_size, progress)
+        if config.valid_data is not None and main_rank:
+            valid_cascade = CascadeInputs(config.cascade_from, config.valid_data, config.num_classes, device,
+                                          config.eval_batch_size, progress)
+        if world_size > 1 and main_rank:
+            dist.barrier()
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(wrapped) if config.compile else wrapped
 
@@ -597,9 +604,6 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                 else:
                     checkpoint(epoch + 1, 0)
                 if config.valid_data is not None and main_rank:
-                    if cascade is not None and valid_cascade is None:
-                        valid_cascade = CascadeInputs(config.cascade_from, config.valid_data, config.num_classes,
-                                                      device, config.eval_batch_size, progress)
                     summary["valid"] = evaluate(ema.module if ema is not None else model, config.valid_data,
                                                 config.num_classes, device,
                                                 batch_size=config.eval_batch_size, max_frames=config.max_frames,
