@@ -60,3 +60,24 @@ def test_a_boosted_round_trains_on_its_weights(tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match="training video .* has no score in"):
         other = write_store(tmp_path / "other", [(["zzzz"], torch.rand(1, 12))], 12)
         train(make_config(tiny_corpus, tmp_path / "round3", epochs=1, boost_from=str(other)), progress=False)
+
+
+def test_chained_rounds_multiply_their_weights_before_the_normalisation(tmp_path):
+    ids, classes = ["a", "b", "c", "d"], [[0], [1], [2], [3]]
+    records = ({"id": i, "labels": np.array(c), "mean_rgb": np.zeros(1024, np.float32),
+                "mean_audio": np.zeros(128, np.float32)} for i, c in zip(ids, classes))
+    write_examples(tmp_path / "train.tfrecord", records, "video")
+    eye = torch.eye(4) * 0.8 + 0.1
+    rounds = {"r1": eye[[0, 0, 2, 3]], "r2": eye[[1, 1, 2, 2]]}  # r1 misses b; r2 misses a and d
+    stores = [str(write_store(tmp_path / name, [(ids, probs)], CLASSES, top_k=None)) for name, probs in rounds.items()]
+    errors = [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0]]
+    exponents = [0.0] * 4
+    for round_errors in errors:
+        err = sum(round_errors) / 4
+        r = math.log((1 - err) / err)
+        exponents = [x + r * e for x, e in zip(exponents, round_errors)]
+    raw = [math.exp(x) for x in exponents]
+    expected = [min(w / (sum(raw) / 4), 5.0) for w in raw]
+    labels = torch.eye(4)
+    booster = Booster(stores, [str(tmp_path / "train.tfrecord")], CLASSES, alpha=1.0, clip=5.0)
+    torch.testing.assert_close(booster.weights(ids, labels), torch.tensor(expected), rtol=1e-3, atol=1e-4)

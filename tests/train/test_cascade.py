@@ -94,7 +94,8 @@ def test_a_cascade_trains_on_a_store_and_predicts_with_its_upstream_run_on_other
 
     predictor = load_predictor(tmp_path / "cascade")
     assert predictor.identity()["cascade_from"] == [str(trained_on.resolve())]
-    by_default = {i: p for ids, probs, _ in predictor.predict(files["test"], progress=False) for i, p in zip(ids, probs)}
+    by_default = {i: p for ids, probs, _ in predictor.predict(files["test"], progress=False)
+                  for i, p in zip(ids, probs)}
     # the training store stood for the run that wrote it: its scores of the test files, with the store's top k
     test_store = copy_store(load_predictor(upstream).scores(files["test"], top_k=5, progress=False).path,
                             tmp_path / "test_store")
