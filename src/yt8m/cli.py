@@ -187,6 +187,12 @@ def train_options(command):
                      help="YAML file of training config keys."),
         click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
                      help="Override a config key (model_options.KEY for a model option); repeatable."),
+        click.option("--task", type=click.Choice(["video", "segments"]), default=None,
+                     help="video (labels of whole videos) or segments (2019: the rated 5-frame segments of "
+                          "segment records, loss on the rated classes alone) [default: video]."),
+        click.option("--init-from", type=click.Path(exists=True, path_type=str), default=None,
+                     help="Start from the weights of this run or model file (segments: a video run, its head "
+                          "sliced to the segment classes)."),
         click.option("--resume", is_flag=True, help="Continue the run in --output from its latest checkpoint."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
@@ -197,7 +203,8 @@ def train_options(command):
 
 def _train_config(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...],
                   num_classes: int | None, epochs: int | None, batch_size: int | None, lr: float | None,
-                  max_steps: int | None, config_file: Path | None, assignments: tuple[str, ...], resume: bool):
+                  max_steps: int | None, config_file: Path | None, assignments: tuple[str, ...], resume: bool,
+                  task: str | None = None, init_from: str | None = None):
     """The TrainConfig of `yt8m train`'s flags: the run's saved config when resuming, then --config, --set and
     the flags, over the preset's recipe."""
     from yt8m.train import TrainConfig, apply_overrides, load_yaml
@@ -219,7 +226,8 @@ def _train_config(model: str, train_data: tuple[str, ...], output: Path, valid_d
         values.update(from_file)
     values = apply_overrides(values, list(assignments))
     flags = {"model": model, "train_data": train_patterns, "output": str(output), "valid_data": valid_patterns,
-             "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_steps": max_steps}
+             "num_classes": num_classes, "epochs": epochs, "batch_size": batch_size, "lr": lr, "max_steps": max_steps,
+             "task": task, "init_from": init_from}
     values.update({key: value for key, value in flags.items() if value is not None})
     return TrainConfig.resolve(values)
 
@@ -242,8 +250,8 @@ def _training(run):
 @usage_errors
 def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...],
           num_classes: int | None, epochs: int | None, batch_size: int | None, lr: float | None,
-          max_steps: int | None, config_file: Path | None, assignments: tuple[str, ...], resume: bool,
-          quiet: bool) -> None:
+          max_steps: int | None, config_file: Path | None, assignments: tuple[str, ...], task: str | None,
+          init_from: str | None, resume: bool, quiet: bool) -> None:
     """Train MODEL (see `yt8m models`) on --train-data; the record level follows from the model.
 
     Every config key and model option is checked before anything runs.
@@ -251,13 +259,14 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
     from yt8m.train import train as run_training
 
     config = _train_config(model, train_data, output, valid_data, num_classes, epochs, batch_size, lr, max_steps,
-                           config_file, assignments, resume)
+                           config_file, assignments, resume, task, init_from)
     start = time.perf_counter()
     summary = _training(lambda: run_training(config, resume=resume, progress=not quiet))
     if summary["rank"] == 0:  # under torchrun, rank 0 reports
         valid = summary["valid"]
         loss = f", loss {summary['loss']:.4f}" if summary["loss"] is not None else ""  # None: nothing left to train
-        scores = f", valid GAP {valid['gap']:.4f}" if valid else ""
+        scores = "" if not valid else f", valid GAP {valid['gap']:.4f}" if "gap" in valid else \
+            f", valid segment MAP@100000 {valid['map']:.4f}"
         click.echo(f"trained {model}: {summary['steps']} steps, {summary['examples']} examples"
                    f"{loss}{scores}, in {time.perf_counter() - start:.0f} s -> {output}")
     _leave_process_group()
@@ -272,7 +281,8 @@ def train(model: str, train_data: tuple[str, ...], output: Path, valid_data: tup
 @usage_errors
 def bag(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...], num_classes: int | None,
         epochs: int | None, batch_size: int | None, lr: float | None, max_steps: int | None, config_file: Path | None,
-        assignments: tuple[str, ...], resume: bool, quiet: bool, bags: int, holdout: tuple[str, ...]) -> None:
+        assignments: tuple[str, ...], task: str | None, init_from: str | None, resume: bool, quiet: bool, bags: int,
+        holdout: tuple[str, ...]) -> None:
     """Bagging: train --bags runs of MODEL, each on its own Poisson(1) bootstrap of --train-data (bag_seed 1..K,
     seed + 0..K-1), into OUTPUT/bag-1 ... OUTPUT/bag-K, and write their mean ensemble OUTPUT/ensemble, which
     eval and predict take. --resume continues an interrupted bagging."""
@@ -282,7 +292,9 @@ def bag(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple
 
     # the flags make the config (a resumed bagging repeats its command): each bag's checkpoint is checked against it
     config = _train_config(model, train_data, output, valid_data, num_classes, epochs, batch_size, lr, max_steps,
-                           config_file, assignments, resume=False)
+                           config_file, assignments, False, task, init_from)
+    if config.task != "video":
+        raise click.BadParameter("bag makes an ensemble of video predictions: --task video", param_hint="--task")
     holdout_patterns = _patterns(holdout) or None
     if holdout_patterns:
         _resolve_data(holdout_patterns, "--holdout")
@@ -364,7 +376,8 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
 @click.option("--data", required=True, multiple=True, help=f"Labelled TFRecords to score on: {DATA_HELP}.")
 @click.option("--scores", "store", type=click.Path(path_type=Path), default=None,
               help="Score this prediction store (of `predict --scores`) instead of a run.")
-@click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="k of GAP@k.")
+@click.option("--top-k", type=POSITIVE, default=None, help="k of GAP@k [default: 20]; K of segment MAP@K "
+              "[default: 100000].")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--tta", type=POSITIVE, default=1, show_default=True,
@@ -375,17 +388,37 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
 @click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
               help="A cascade run's upstream models, one for each it trained on: stores on --data (used as they are), "
                    "runs or ensembles [default: those it trained on]; repeatable.")
+@click.option("--segments", is_flag=True,
+              help="The 2019 segment task: RUN is a segment run (--task segments), scored with --video-run.")
+@click.option("--video-run", type=click.Path(exists=True, path_type=Path), default=None,
+              help="--segments: the video-level run whose top classes are the candidates and whose P_vid enters "
+                   "the score.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="--segments: score P_vid ** alpha * P_seg ** (1 - alpha) (1: video model alone, 0: segment "
+                   "model alone).")
+@click.option("--candidates", type=POSITIVE, default=20, show_default=True,
+              help="--segments: a video's best whitelisted classes by the video model that its segments are "
+                   "scored for.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @usage_errors
-def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None, top_k: int, batch_size: int,
-                     device: str, tta: int, weights: str | None, cascade_from: tuple[str, ...], as_json: bool) -> None:
+def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None, top_k: int | None, batch_size: int,
+                     device: str, tta: int, weights: str | None, cascade_from: tuple[str, ...], segments: bool,
+                     video_run: Path | None, alpha: float, candidates: int, as_json: bool) -> None:
     """Score RUN (a run directory, a checkpoint or model file, an ensemble directory or a prediction store) on
-    --data: GAP@20, mAP, Hit@1, PERR. Warns when some videos have no labels."""
+    --data: GAP@20, mAP, Hit@1, PERR. Warns when some videos have no labels. With --segments: the segment
+    MAP@K of RUN and --video-run on rated segment records, and the candidates' recall."""
     import json
 
     from yt8m.train.inference import score_batches
 
     from yt8m.ensemble.predictor import source_kind
+
+    if segments:
+        return _evaluate_segments(run, data, top_k, batch_size, device, weights, video_run, alpha, candidates,
+                                  as_json)
+    if video_run is not None:
+        raise click.UsageError("--video-run applies to --segments")
+    top_k = top_k or 20
 
     if (run is None) == (store is None):
         raise click.UsageError("give either RUN or --scores STORE")
@@ -416,6 +449,71 @@ def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None
                    f"PERR {scores['perr']:.4f}  ({scores['num_videos']} videos{labeled})")
 
 
+def _segment_models(run: Path | None, video_run: Path | None, device: str, weights: str | None):
+    from yt8m.segments.inference import load_segment_run, load_video_run
+    from yt8m.train import resolve_device
+
+    if run is None or video_run is None:
+        raise click.UsageError("--segments needs RUN (a segment run) and --video-run (the video-level run)")
+    resolved = resolve_device(device)
+    segment_model, whitelist, max_frames = load_segment_run(run, resolved, weights)
+    return segment_model, whitelist, max_frames, load_video_run(video_run, resolved), resolved
+
+
+def _evaluate_segments(run: Path | None, data: tuple[str, ...], top_k: int | None, batch_size: int, device: str,
+                       weights: str | None, video_run: Path | None, alpha: float, candidates: int,
+                       as_json: bool) -> None:
+    """`eval --segments`: segment MAP@K on rated segment records, and the candidates' recall."""
+    import json
+
+    from yt8m.metrics.segments import segment_map
+    from yt8m.segments.inference import DEFAULT_TOP_K, rated_pairs, score_segments
+
+    top_k = top_k or DEFAULT_TOP_K
+    files = _resolve_data(_patterns(data), "--data")
+    segment_model, whitelist, max_frames, video_model, resolved = _segment_models(run, video_run, device, weights)
+    ranking = _data_errors(lambda: score_segments(segment_model, video_model, files, whitelist, resolved, alpha,
+                                                  candidates, top_k, batch_size=batch_size, max_frames=max_frames,
+                                                  rated=True, progress=not as_json))
+    ratings = rated_pairs(files, video_model.num_classes)
+    if not ratings:
+        raise click.BadParameter(f"no segment ratings in {len(files)} file(s): eval --segments takes rated segment "
+                                 "records (segment_start_times, segment_labels, segment_scores)", param_hint="--data")
+    result = {"map": segment_map(ranking.submission(), ratings, top_k), "top_k": top_k,
+              "candidate_recall": ranking.candidate_recall["recall"], "alpha": alpha, "candidates": candidates,
+              "num_videos": len(ranking.video_ids), "num_segments": ranking.num_segments, "num_ratings": len(ratings)}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"segment MAP@{top_k} {result['map']:.4f}  candidate recall {result['candidate_recall']:.4f} "
+                   f"({candidates} candidates, alpha {alpha:g}; {result['num_videos']} videos, "
+                   f"{result['num_segments']} segments scored, {result['num_ratings']} ratings)")
+
+
+def _predict_segments(run: Path, data: tuple[str, ...], output: Path | None, scores: Path | None, overwrite: bool,
+                      top_k: int | None, batch_size: int, device: str, weights: str | None, video_run: Path | None,
+                      alpha: float, candidates: int) -> None:
+    """`predict --segments`: the Kaggle `Class,Segments` submission."""
+    from yt8m.segments.inference import DEFAULT_TOP_K, score_segments
+    from yt8m.segments.retrieval import write_segment_submission
+    from yt8m.train.inference import check_output
+
+    if output is None:
+        raise click.UsageError("--segments writes the Class,Segments submission: give --output FILE.csv")
+    if scores is not None:
+        raise click.UsageError("--scores is not written for --segments: the submission holds the ranked segments")
+    files = _resolve_data(_patterns(data), "--data")
+    protect = [*_protected(run), *_protected(video_run)] if video_run is not None else _protected(run)
+    check_output(output, files, protect, overwrite)
+    segment_model, whitelist, max_frames, video_model, resolved = _segment_models(run, video_run, device, weights)
+    ranking = _data_errors(lambda: score_segments(segment_model, video_model, files, whitelist, resolved, alpha,
+                                                  candidates, top_k or DEFAULT_TOP_K, batch_size=batch_size,
+                                                  max_frames=max_frames))
+    count = write_segment_submission(output, ranking.ranked, whitelist, ranking.video_ids, overwrite, protect, files)
+    click.echo(f"wrote {count} segments of {len(whitelist)} classes from {len(ranking.video_ids)} videos "
+               f"({ranking.num_segments / max(ranking.seconds, 1e-9):,.0f} segments/s) to {output}")
+
+
 def _scores_top_k(value: str) -> int | None:
     if value == "all":
         return None
@@ -436,7 +534,9 @@ SCORES_TOP_K_HELP = "Classes kept per video in a store: a positive integer, or a
               help="Also (or instead) write every video's scores to this prediction store (a folder).")
 @click.option("--scores-top-k", default="100", show_default=True, help=SCORES_TOP_K_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace --output (or --scores) if it exists.")
-@click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="Classes per video in the CSV.")
+@click.option("--top-k", type=POSITIVE, default=None,
+              help="Classes per video in the CSV [default: 20]; with --segments, segments per class [default: "
+                   "100000].")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--tta", type=POSITIVE, default=1, show_default=True,
@@ -447,10 +547,22 @@ SCORES_TOP_K_HELP = "Classes kept per video in a store: a positive integer, or a
 @click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
               help="A cascade run's upstream models, one for each it trained on: stores on --data (used as they are), "
                    "runs or ensembles [default: those it trained on]; repeatable.")
+@click.option("--segments", is_flag=True,
+              help="The 2019 segment task: RUN is a segment run (--task segments), scored with --video-run.")
+@click.option("--video-run", type=click.Path(exists=True, path_type=Path), default=None,
+              help="--segments: the video-level run whose top classes are the candidates and whose P_vid enters "
+                   "the score.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="--segments: score P_vid ** alpha * P_seg ** (1 - alpha) (1: video model alone, 0: segment "
+                   "model alone).")
+@click.option("--candidates", type=POSITIVE, default=20, show_default=True,
+              help="--segments: a video's best whitelisted classes by the video model that its segments are "
+                   "scored for.")
 @usage_errors
 def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path | None, scores_top_k: str,
-            overwrite: bool, top_k: int, batch_size: int, device: str, tta: int, weights: str | None,
-            cascade_from: tuple[str, ...]) -> None:
+            overwrite: bool, top_k: int | None, batch_size: int, device: str, tta: int, weights: str | None,
+            cascade_from: tuple[str, ...], segments: bool, video_run: Path | None, alpha: float,
+            candidates: int) -> None:
     """Write the Kaggle video-level submission (VideoId,LabelConfidencePairs) of RUN (a run directory, a
     checkpoint or model file, an ensemble directory or a prediction store) for --data, and/or its prediction
     store (--scores). Both come from one pass over the data; a run's or an ensemble's store is cached in it."""
@@ -459,6 +571,12 @@ def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path 
     from yt8m.ensemble.store import check_store_output
     from yt8m.train.inference import SubmissionWriter, check_output
 
+    if segments:
+        return _predict_segments(run, data, output, scores, overwrite, top_k, batch_size, device, weights,
+                                 video_run, alpha, candidates)
+    if video_run is not None:
+        raise click.UsageError("--video-run applies to --segments")
+    top_k = top_k or 20
     if output is None and scores is None:
         raise click.UsageError("give --output FILE.csv, --scores STORE, or both")
     k = _scores_top_k(scores_top_k)
@@ -700,9 +818,12 @@ QUICKSTART_OPTIONS = {"num_clusters": 1024, "hidden_size": 512, "batch_norm_conv
               show_default=True, help="Where the corpus, run and submission go.")
 @click.option("--videos", default=1500, show_default=True, help="Synthetic videos (train/validate/test).")
 @click.option("--epochs", default=4, show_default=True)
+@click.option("--segments", is_flag=True,
+              help="Then the 2019 segment task: fine-tune on the rated segments, score and write its submission.")
 @usage_errors
-def quickstart(workdir: Path, videos: int, epochs: int) -> None:
-    """Synthesize a corpus, train a frame-level model, evaluate it and write a submission."""
+def quickstart(workdir: Path, videos: int, epochs: int, segments: bool) -> None:
+    """Synthesize a corpus, train a frame-level model, evaluate it and write a submission; with --segments, go on
+    to the segment task (fine-tuning, segment MAP@K, the Class,Segments submission)."""
     from yt8m.data.synthetic import synthesize
     from yt8m.train import TrainConfig, evaluate, load_model, resolve_device, write_submission
     from yt8m.train import train as run_training
@@ -729,8 +850,48 @@ def quickstart(workdir: Path, videos: int, epochs: int) -> None:
                              device, overwrite=True)
     click.echo(f"validate: GAP {scores['gap']:.4f}  mAP {scores['map']:.4f}  Hit@1 {scores['hit_at_one']:.4f}  "
                f"PERR {scores['perr']:.4f} ({scores['num_videos']} videos); {count} test videos predicted")
+    if segments:
+        _quickstart_segments(workdir, info, run_dir, epochs)
     click.echo(f"corpus {corpus}  run {run_dir}  submission {submission}  "
                f"({time.perf_counter() - start:.0f} s in all)")
+
+
+def _quickstart_segments(workdir: Path, info, video_run: Path, epochs: int) -> None:
+    """The segment steps of `quickstart --segments`: the synthetic corpus's segment/validate records train the
+    segment model (its ratings are the fine-tuning data, as the 2019 validate partition's were), segment/test
+    records (rated here, unlike Kaggle's) score it."""
+    import shutil
+
+    from yt8m.metrics.segments import segment_map
+    from yt8m.segments.inference import load_segment_run, load_video_run, rated_pairs, score_segments
+    from yt8m.segments.retrieval import write_segment_submission
+    from yt8m.train import TrainConfig, resolve_device
+    from yt8m.train import train as run_training
+
+    segment_run, submission = workdir / "segment-run", workdir / "segments.csv"
+    tune, rated = info.files["segment"]["validate"], info.files["segment"]["test"]
+    click.echo(f"[5/7] fine-tuning {QUICKSTART_MODEL} on the rated segments of {len(tune)} shard(s), from {video_run}")
+    shutil.rmtree(segment_run, ignore_errors=True)
+    run_training(TrainConfig(model=QUICKSTART_MODEL, model_options=dict(QUICKSTART_OPTIONS), task="segments",
+                             init_from=str(video_run), train_data=[str(p) for p in tune], output=str(segment_run),
+                             num_classes=info.num_classes, epochs=epochs, batch_size=64, lr=1e-3, log_every=5))
+    device = resolve_device("auto")
+    segment_model, whitelist, max_frames = load_segment_run(segment_run, device)
+    video_model = load_video_run(video_run, device)
+    click.echo(f"[6/7] segment MAP@100000 on the rated segments of {len(rated)} shard(s)")
+    ratings = rated_pairs([str(p) for p in rated], info.num_classes)
+    figures = []
+    for label, alpha in (("video model alone", 1.0), ("segment model alone", 0.0), ("combined (alpha 0.05)", 0.05)):
+        ranking = score_segments(segment_model, video_model, [str(p) for p in rated], whitelist, device, alpha,
+                                 max_frames=max_frames, rated=True, progress=False)
+        figures.append(f"{label} {segment_map(ranking.submission(), ratings):.4f}")
+    recall = ranking.candidate_recall["recall"]
+    click.echo(f"[7/7] the Class,Segments submission of the test split -> {submission}")
+    ranking = score_segments(segment_model, video_model, [str(p) for p in info.files["frame"]["test"]], whitelist,
+                             device, max_frames=max_frames, progress=False)
+    count = write_segment_submission(submission, ranking.ranked, whitelist, ranking.video_ids, overwrite=True)
+    click.echo(f"segments: MAP@100000 {', '.join(figures)}; the candidates hold {recall:.1%} of the positive "
+               f"ratings; {count} segments of {len(whitelist)} classes in {submission}")
 
 
 if __name__ == "__main__":

@@ -59,11 +59,14 @@ class VideoClassifier(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Binary cross-entropy summed over classes, averaged over the batch; with per-example `weights` [B]
-        (bagging, boosting), each example's sum is weighted."""
+        (bagging, boosting), each example's sum is weighted; with `weights` [B, C] (the segment task's mask of
+        rated classes), each (example, class) term is."""
         if weights is None:
             return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / labels.shape[0]
-        per_example = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none").sum(1)  # [B]
-        return (weights.to(per_example.dtype) * per_example).sum() / labels.shape[0]
+        terms = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")  # [B, C]
+        weights = weights.to(terms.dtype)
+        weighted = weights * terms.sum(1) if weights.dim() == 1 else (weights * terms).sum(1)  # [B]
+        return weighted.sum() / labels.shape[0]
 
     def classifier_weights(self) -> list[torch.Tensor]:
         """The weights that the L2 penalty of the training loop applies to."""

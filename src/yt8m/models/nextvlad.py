@@ -233,7 +233,7 @@ class DistilledMixture(UnwhiteningClassifier):
     def loss(self, outputs: torch.Tensor | dict, labels: torch.Tensor,
              weights: torch.Tensor | None = None) -> torch.Tensor:
         """The mixture's loss (see the class); on eval-mode logits, their binary cross-entropy. Per-example
-        `weights` [B] weight every term alike."""
+        `weights` [B] weight every term alike; a [B, C] mask (segments) weighs the cross-entropies."""
         if not isinstance(outputs, dict):
             return super().loss(outputs, labels, weights)
         loss = super().loss(outputs["logits"], labels, weights)
@@ -243,8 +243,10 @@ class DistilledMixture(UnwhiteningClassifier):
             loss = loss + member.loss(output, labels.to(member_device), member_weights).to(loss.device)
         if self.temperature > 0:
             weight = self.temperature ** 2 if self.distillation_weight is None else self.distillation_weight
+            # the KL over classes is label-free: per-example weights weigh it, a [B, C] mask of rated classes not
+            per_example = weights if weights is None or weights.dim() == 1 else None
             loss = loss + weight * distillation_loss(outputs["logits"], outputs["member_logits"], self.temperature,
-                                                     weights)
+                                                     per_example)
         return loss
 
     def classifier_weights(self) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ from yt8m.models.registry import COMMON_OPTIONS, build, check_option_names, reso
 CLIP_MODES = ("per_parameter", "global", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ON_ERROR = ("raise", "skip")
+TASKS = ("video", "segments")
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Training computes in float32: a larger number (`--lr 1e39`) becomes inf in the first step.
@@ -75,6 +76,9 @@ class TrainConfig:
     boost_clip: float = 5.0             # and clipped at boost_clip
     cascade_from: str | list[str] | None = None  # cascade: upstream models' stores on the training data (or runs)
     cascade_dim: int | None = None      # their averaged predictions projected to this size (None: 256)
+    task: str = "video"                 # video | segments (2019: the rated 5-frame segments, a masked loss)
+    init_from: str | None = None        # a run or model file whose weights start this run (segments: its head sliced)
+    segment_label_ids: str | None = None  # segments: the whitelist CSV (None: segment_label_ids.csv beside the data)
 
     def __post_init__(self):
         for name, annotation in _field_types().items():  # types first: the checks below compare values
@@ -105,6 +109,11 @@ class TrainConfig:
             (self.cascade_dim is None or self.cascade_dim >= 1, f"cascade_dim must be >= 1, got {self.cascade_dim}"),
             (self.cascade_dim is None or self.cascade_from is not None,
              f"cascade_dim ({self.cascade_dim}) needs cascade_from: it sizes the cascade layer"),
+            (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
+            (self.task == "video" or not (self.distill_from or self.boost_from or self.cascade_from),
+             "task segments takes no distill_from, boost_from or cascade_from: their stores score videos, not "
+             "segments"),
+            (self.task == "segments" or self.segment_label_ids is None, "segment_label_ids needs task: segments"),
             (self.boost_clip >= 1, f"boost_clip must be >= 1 (weights have mean 1), got {self.boost_clip}"),
             (self.bag_seed is None or 0 <= self.bag_seed < 2**32,
              f"bag_seed must be in [0, 2**32), got {self.bag_seed}"),

@@ -37,6 +37,8 @@ from yt8m.data.records import expand_paths
 from yt8m.metrics import gap, hit_at_one, perr
 from yt8m.models import build
 from yt8m.models.cascade import is_cascade
+from yt8m.segments.classes import class_positions
+from yt8m.segments.training import init_from, rated_segment_map, segment_classes, segment_loader
 from yt8m.models.registry import resolve, upgrade_options
 from yt8m.train.bagging import bag_weights
 from yt8m.train.checkpoint import (
@@ -388,17 +390,32 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                              "into a new --output, or start this one afresh by removing it")
 
     seed_everything(config.seed)
+    # the segment task: the model predicts the whitelisted classes, at their positions in the whitelist
+    whitelist = segment_classes(config) if config.task == "segments" else None
     # a resumed run is the model its checkpoint records (a preset edited since cannot change it)
     model = (model_from_config(state["model_config"]) if state is not None
-             else build(config.model, num_classes=config.num_classes, cascade_dim=cascade_dim(config),
-                        **config.model_options)).to(device)
+             else build(config.model, num_classes=config.num_classes if whitelist is None else len(whitelist),
+                        cascade_dim=cascade_dim(config), **config.model_options))
+    if state is None and config.init_from is not None:
+        started = init_from(model, config.init_from, whitelist)
+        say(f"initialised from {started}" + ("" if whitelist is None else
+                                             f", its head sliced to the {len(whitelist)} segment classes"))
+    model = model.to(device)
     base_lr = config.lr or getattr(model, "default_lr", 0.01)
     batch_size = config.batch_size or (1024 if model.level == "video" else 128)
     sampling = model.train_sampling or {"sampling": "all"}
-    loader = make_loader(config.train_data, level=model.level, batch_size=batch_size, max_frames=config.max_frames,
-                         num_classes=config.num_classes, shuffle=True, num_workers=config.num_workers,
-                         seed=config.seed, shuffle_buffer=config.shuffle_buffer, on_error=config.on_error,
-                         pin_memory=device.type == "cuda", **sampling)
+    if whitelist is not None:
+        if model.level != "frame":
+            raise ValueError(f"task segments needs a frame-level model: {config.model} reads video-level means")
+        positions = class_positions(whitelist, config.num_classes)
+        loader = segment_loader(config.train_data, positions, batch_size, config.max_frames, config.num_classes,
+                                shuffle=True, seed=config.seed, on_error=config.on_error,
+                                num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    else:
+        loader = make_loader(config.train_data, level=model.level, batch_size=batch_size,
+                             max_frames=config.max_frames, num_classes=config.num_classes, shuffle=True,
+                             num_workers=config.num_workers, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+                             on_error=config.on_error, pin_memory=device.type == "cuda", **sampling)
     optimizer = torch.optim.Adam(model.parameters(), lr=base_lr)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
 
@@ -450,8 +467,12 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
     forward = torch.compile(wrapped) if config.compile else wrapped
 
+    # what predicting with the model needs besides it: the original ids of a segment model's classes
+    task_state = {} if whitelist is None else {"segment_classes": whitelist.tolist()}
+
     def state_dict(epoch: int, batches_in_epoch: int) -> dict:
         return {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
+                **task_state,
                 **ema_state(ema), "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen, "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch,
@@ -543,6 +564,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                         targets = None if teacher is None else \
                             distillation_targets(teacher, batch["id"], batch["labels"], config.distill_weight)
                         weights = example_weights(batch, config, booster, device)
+                        if "mask" in batch:  # segments: the loss of the rated classes alone
+                            weights = batch["mask"] if weights is None else weights[:, None] * batch["mask"]
                         upstream = None if cascade is None else cascade(batch["id"]).to(device)
                         loss, logits, grad_norm = forward_backward(model, forward, optimizer, batch, config, device,
                                                                    scaler, targets, weights, upstream)
@@ -604,17 +627,24 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                 else:
                     checkpoint(epoch + 1, 0)
                 if config.valid_data is not None and main_rank:
-                    summary["valid"] = evaluate(ema.module if ema is not None else model, config.valid_data,
-                                                config.num_classes, device,
+                    scored = ema.module if ema is not None else model
+                    summary["valid"] = evaluate(scored, config.valid_data, config.num_classes, device,
                                                 batch_size=config.eval_batch_size, max_frames=config.max_frames,
                                                 precision=config.precision, progress=progress,
-                                                on_error=config.on_error, cascade=valid_cascade)
+                                                on_error=config.on_error, cascade=valid_cascade) \
+                        if whitelist is None else \
+                        rated_segment_map(scored, config.valid_data, whitelist, positions, device,
+                                          batch_size=batch_size, max_frames=config.max_frames,
+                                          num_classes=config.num_classes, precision=config.precision,
+                                          on_error=config.on_error)
                     log.write({"step": step, "epoch": epoch + 1,
                                **{f"valid_{k}": v for k, v in summary["valid"].items()}})
                     if progress:
                         valid = summary["valid"]
-                        say(f"epoch {epoch + 1}: loss {summary['loss']:.4f}  valid GAP {valid['gap']:.4f}  "
-                            f"mAP {valid['map']:.4f}  Hit@1 {valid['hit_at_one']:.4f}")
+                        scores = f"valid segment MAP@100000 {valid['map']:.4f} ({valid['num_ratings']} ratings)" \
+                            if whitelist is not None else \
+                            f"valid GAP {valid['gap']:.4f}  mAP {valid['map']:.4f}  Hit@1 {valid['hit_at_one']:.4f}"
+                        say(f"epoch {epoch + 1}: loss {summary['loss']:.4f}  {scores}")
                 last_epoch = stopped or epoch + 1 == total_epochs
                 if stop.requested and not last_epoch:  # during the validation: the epoch's checkpoint is written
                     stop.interrupt(step, epoch, checkpoints(run_dir)[-1])
@@ -624,7 +654,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                     break
         if main_rank:
             ensure_finite_weights(FINAL_MODEL)
-            atomic_save({"model": model.state_dict(), "model_config": model.config, **ema_state(ema),
+            atomic_save({"model": model.state_dict(), "model_config": model.config, **ema_state(ema), **task_state,
                          "train_config": config.to_dict(), "step": step, "examples_seen": examples_seen},
                         run_dir / FINAL_MODEL)
         if world_size > 1:  # no rank leaves (and closes its connections) while another still works
