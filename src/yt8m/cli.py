@@ -494,24 +494,58 @@ def _predict_segments(run: Path, data: tuple[str, ...], output: Path | None, sco
                       top_k: int | None, batch_size: int, device: str, weights: str | None, video_run: Path | None,
                       alpha: float, candidates: int) -> None:
     """`predict --segments`: the Kaggle `Class,Segments` submission."""
+    import shutil
+
+    import torch
+
+    from yt8m.ensemble.store import StoreWriter, check_store_output, data_digest
     from yt8m.segments.inference import DEFAULT_TOP_K, score_segments
+    from yt8m.segments.merge import SEGMENT_SOURCE
     from yt8m.segments.retrieval import write_segment_submission
     from yt8m.train.inference import check_output
 
-    if output is None:
-        raise click.UsageError("--segments writes the Class,Segments submission: give --output FILE.csv")
-    if scores is not None:
-        raise click.UsageError("--scores is not written for --segments: the submission holds the ranked segments")
+    if output is None and scores is None:
+        raise click.UsageError("give --output FILE.csv (the Class,Segments submission), --scores STORE, or both")
     files = _resolve_data(_patterns(data), "--data")
     protect = [*_protected(run), *_protected(video_run)] if video_run is not None else _protected(run)
-    check_output(output, files, protect, overwrite)
+    if output is not None:
+        check_output(output, files, protect, overwrite)
+    if scores is not None:
+        check_output(scores, files, protect, overwrite=True)  # the store's own rule follows
+        check_store_output(scores, overwrite)
     segment_model, whitelist, max_frames, video_model, resolved = _segment_models(run, video_run, device, weights)
-    ranking = _data_errors(lambda: score_segments(segment_model, video_model, files, whitelist, resolved, alpha,
-                                                  candidates, top_k or DEFAULT_TOP_K, batch_size=batch_size,
-                                                  max_frames=max_frames))
-    count = write_segment_submission(output, ranking.ranked, whitelist, ranking.video_ids, overwrite, protect, files)
-    click.echo(f"wrote {count} segments of {len(whitelist)} classes from {len(ranking.video_ids)} videos "
-               f"({ranking.num_segments / max(ranking.seconds, 1e-9):,.0f} segments/s) to {output}")
+    source = {"kind": SEGMENT_SOURCE, "segment_run": str(run.resolve()), "video_run": str(video_run.resolve()),
+              "alpha": alpha, "candidates": min(candidates, len(whitelist)), "segment_classes": whitelist.tolist()}
+    # a store replaced with --overwrite stays whole until the new one is: it is written beside it
+    target = None if scores is None else \
+        scores if not os.path.lexists(scores) else scores.with_name(f".{scores.name}.new-{os.getpid()}")
+    # float32: a combined score can be far below float16's smallest (P_vid ** 0.05 * P_seg ** 0.95)
+    store = StoreWriter(target, video_model.num_classes, min(candidates, len(whitelist)), source=source,
+                        data={"files": [os.path.realpath(f) for f in files], "digest": data_digest(files)},
+                        scores_dtype="float32") if scores is not None else None
+
+    def add(ids, classes, values):  # the candidates' scores as store rows
+        store.add(ids, torch.zeros(len(ids), video_model.num_classes).scatter_(1, classes, values))
+
+    try:
+        ranking = _data_errors(lambda: score_segments(
+            segment_model, video_model, files, whitelist, resolved, alpha, candidates, top_k or DEFAULT_TOP_K,
+            batch_size=batch_size, max_frames=max_frames, on_batch=add if store is not None else None))
+    except BaseException:
+        if store is not None:
+            store.abort()
+        raise
+    if store is not None:
+        store.close()
+        if target != scores:
+            shutil.rmtree(scores)
+            os.replace(target, scores)
+        click.echo(f"wrote the scores of {ranking.num_segments} segments to {scores}")
+    if output is not None:
+        count = write_segment_submission(output, ranking.ranked, whitelist, ranking.video_ids, overwrite, protect,
+                                         files)
+        click.echo(f"wrote {count} segments of {len(whitelist)} classes from {len(ranking.video_ids)} videos "
+                   f"({ranking.num_segments / max(ranking.seconds, 1e-9):,.0f} segments/s) to {output}")
 
 
 def _scores_top_k(value: str) -> int | None:
@@ -735,16 +769,24 @@ def extract(run: Path, member: str, output: Path | None, weights: str | None, ov
 
 
 @main.command()
-@click.argument("submissions", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("submissions", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The CSV to write.")
 @click.option("--weights", default=None, help="One weight per submission, comma-separated [default: equal].")
-@click.option("--top-k", type=POSITIVE, default=20, show_default=True, help="Classes per video in the output.")
+@click.option("--top-k", type=POSITIVE, default=None,
+              help="Classes per video in the output [default: 20]; with --segments, segments per class "
+                   "[default: 100000].")
+@click.option("--segments", is_flag=True,
+              help="Merge segment stores (predict --segments --scores) into a Class,Segments submission.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @usage_errors
-def merge(submissions: tuple[Path, ...], output: Path, weights: str | None, top_k: int, overwrite: bool) -> None:
+def merge(submissions: tuple[Path, ...], output: Path, weights: str | None, top_k: int | None, segments: bool,
+          overwrite: bool) -> None:
     """Average the class lists of video-level submissions (the 2017 2nd place's final submission merged the
-    top-20 lists of two ensembles); a class missing from a list counts 0 there."""
+    top-20 lists of two ensembles); a class missing from a list counts 0 there. With --segments, SUBMISSIONS
+    are segment stores: their weighted mean, ranked per class, is the Class,Segments submission (a segment
+    ensemble)."""
     from yt8m.ensemble import merge_submissions
+    from yt8m.segments.merge import merge_segment_stores
 
     values = None
     if weights is not None:
@@ -753,7 +795,15 @@ def merge(submissions: tuple[Path, ...], output: Path, weights: str | None, top_
         except ValueError:
             raise click.BadParameter(f"expected numbers separated by commas, got {weights!r}",
                                      param_hint="--weights") from None
-    count = merge_submissions(list(submissions), output, values, top_k=top_k, overwrite=overwrite)
+    if segments:
+        count = merge_segment_stores(list(submissions), output, values, top_k=top_k or 100_000, overwrite=overwrite)
+        click.echo(f"wrote {count} segments to {output}")
+        return
+    folders = [str(path) for path in submissions if path.is_dir()]
+    if folders:
+        raise click.BadParameter(f"{folders[0]} is a folder: merge takes submission files (--segments: segment "
+                                 "stores)", param_hint="SUBMISSIONS")
+    count = merge_submissions(list(submissions), output, values, top_k=top_k or 20, overwrite=overwrite)
     click.echo(f"wrote {count} videos to {output}")
 
 

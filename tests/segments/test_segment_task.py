@@ -204,3 +204,31 @@ def test_a_partial_rating_file_is_read_as_the_metric_takes_it(tmp_path):
                "segment_labels": np.array([2, 7]), "segment_scores": np.array([1.0, 0.0], np.float32)}
     write_examples(tmp_path / "s.tfrecord", [example], "segment")
     assert rated_pairs([str(tmp_path / "s.tfrecord")], CLASSES) == [("v", 0, 2, 1.0), ("v", 5, 7, 0.0)]
+
+
+def test_segment_stores_merge_into_the_submission_they_were_scored_with(runs, tiny_corpus, tmp_path):
+    video, segments, _, _ = runs
+    runner = CliRunner()
+    test = ",".join(files(tiny_corpus, "frame", "test"))
+    base = ["predict", str(segments), "--segments", "--video-run", str(video), "--data", test]
+    result = runner.invoke(main, [*base, "--output", str(tmp_path / "direct.csv"), "--scores", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(main, [*base, "--alpha", "1", "--scores", str(tmp_path / "b")]).exit_code == 0
+    again = runner.invoke(main, [*base, "--alpha", "1", "--scores", str(tmp_path / "b")])
+    assert again.exit_code != 0 and "--overwrite" in again.output
+    assert runner.invoke(main, [*base, "--alpha", "1", "--scores", str(tmp_path / "b"), "--overwrite"]).exit_code == 0
+    merged = runner.invoke(main, ["merge", "--segments", str(tmp_path / "a"), "--output", str(tmp_path / "one.csv")])
+    assert merged.exit_code == 0, merged.output
+    direct = read_segment_submission(tmp_path / "direct.csv")
+    assert read_segment_submission(tmp_path / "one.csv") == direct  # one store: the ranking it was scored with
+    weighted = runner.invoke(main, ["merge", "--segments", str(tmp_path / "a"), str(tmp_path / "b"), "--weights",
+                                    "1,0", "--output", str(tmp_path / "w.csv")])
+    assert weighted.exit_code == 0 and read_segment_submission(tmp_path / "w.csv") == direct
+    both = runner.invoke(main, ["merge", "--segments", str(tmp_path / "a"), str(tmp_path / "b"), "--output",
+                                str(tmp_path / "both.csv")])
+    assert both.exit_code == 0 and read_segment_submission(tmp_path / "both.csv") != direct
+    from yt8m.ensemble.store import write_store
+
+    other = write_store(tmp_path / "video-store", [(["x"], torch.rand(1, CLASSES))], CLASSES)
+    refused = runner.invoke(main, ["merge", "--segments", str(other), "--output", str(tmp_path / "r.csv")])
+    assert refused.exit_code != 0 and "is not a segment store" in refused.output

@@ -77,9 +77,11 @@ def score_segments(segment_model: nn.Module, video_model: nn.Module, data, white
                    device: torch.device, alpha: float = DEFAULT_ALPHA, candidates: int = DEFAULT_CANDIDATES,
                    top_k: int = DEFAULT_TOP_K, batch_size: int = 64, segment_batch_size: int = 2048,
                    max_frames: int = 300, on_error: str = "raise", rated: bool = False,
-                   progress: bool = True) -> SegmentRanking:
+                   progress: bool = True, on_batch=None) -> SegmentRanking:
     """One pass of the pipeline over the frame records `data` (segment records with `rated`, which also counts
-    the candidates' recall of the positive ratings: `{"positives", "covered", "recall"}`)."""
+    the candidates' recall of the positive ratings: `{"positives", "covered", "recall"}`). `on_batch(ids,
+    classes, scores)` receives each batch's segments ("video:start"), their candidates' original class ids
+    [S, N] and combined scores [S, N] (a prediction store written in the same pass)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha: expected a value in [0, 1], found {alpha}")
     num_whitelisted = len(whitelist)
@@ -117,6 +119,10 @@ def score_segments(segment_model: nn.Module, video_model: nn.Module, data, white
             keys = segment_key((which[:, 0] + first).cpu().numpy(), which[:, 1].cpu().numpy())
             heaps.add(classes.flatten().cpu().numpy(), scores.flatten().cpu().numpy(),
                       np.repeat(keys, candidates))
+            if on_batch is not None:
+                starts = (which[:, 1] * SEGMENT_LENGTH).tolist()
+                on_batch([f"{batch['id'][v]}:{start}" for v, start in zip(which[:, 0].tolist(), starts)],
+                         columns[classes].cpu(), scores.float().cpu())
             video_ids.extend(batch["id"])
             num_segments += len(which)
             if rated:
