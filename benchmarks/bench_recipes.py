@@ -66,7 +66,7 @@ def run(preset: str, files: dict, args, work: Path, recipe: bool, seed: int, **o
     output = work / f"{preset}-{'recipe' if recipe else 'defaults'}-{seed}-{len(os.listdir(work))}"
     values = {"model": preset, "train_data": files["frame"]["train"], "output": str(output),
               "num_classes": args.classes, "epochs": args.epochs, "seed": seed, "checkpoint_every": 10**9,
-              "max_frames": args.max_frames,
+              "max_frames": args.max_frames, "task": "video",  # the _segments recipes, on video labels here
               "model_options": {**small_options(preset), **options}}
     config = TrainConfig.resolve(values) if recipe else TrainConfig.from_dict(values)
     start = time.perf_counter()

@@ -414,6 +414,7 @@ def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None
     from yt8m.ensemble.predictor import source_kind
 
     if segments:
+        _refuse_with_segments(tta=tta > 1, cascade_from=bool(cascade_from), scores=store is not None)
         return _evaluate_segments(run, data, top_k, batch_size, device, weights, video_run, alpha, candidates,
                                   as_json)
     if video_run is not None:
@@ -449,6 +450,12 @@ def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None
                    f"PERR {scores['perr']:.4f}  ({scores['num_videos']} videos{labeled})")
 
 
+def _refuse_with_segments(**given: bool) -> None:
+    for name, is_given in given.items():
+        if is_given:
+            raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --segments")
+
+
 def _segment_models(run: Path | None, video_run: Path | None, device: str, weights: str | None):
     from yt8m.segments.inference import load_segment_run, load_video_run
     from yt8m.train import resolve_device
@@ -456,8 +463,10 @@ def _segment_models(run: Path | None, video_run: Path | None, device: str, weigh
     if run is None or video_run is None:
         raise click.UsageError("--segments needs RUN (a segment run) and --video-run (the video-level run)")
     resolved = resolve_device(device)
-    segment_model, whitelist, max_frames = load_segment_run(run, resolved, weights)
-    return segment_model, whitelist, max_frames, load_video_run(video_run, resolved), resolved
+    segment_model, whitelist = load_segment_run(run, resolved, weights)
+    # --weights picks the segment run's; the video run's EMA is used where it has one, unless raw
+    return segment_model, whitelist, load_video_run(video_run, resolved, "raw" if weights == "raw" else None), \
+        resolved
 
 
 def _evaluate_segments(run: Path | None, data: tuple[str, ...], top_k: int | None, batch_size: int, device: str,
@@ -465,28 +474,31 @@ def _evaluate_segments(run: Path | None, data: tuple[str, ...], top_k: int | Non
                        as_json: bool) -> None:
     """`eval --segments`: segment MAP@K on rated segment records, and the candidates' recall."""
     import json
+    import math
 
     from yt8m.metrics.segments import segment_map
     from yt8m.segments.inference import DEFAULT_TOP_K, rated_pairs, score_segments
 
     top_k = top_k or DEFAULT_TOP_K
     files = _resolve_data(_patterns(data), "--data")
-    segment_model, whitelist, max_frames, video_model, resolved = _segment_models(run, video_run, device, weights)
+    segment_model, whitelist, video_model, resolved = _segment_models(run, video_run, device, weights)
     ranking = _data_errors(lambda: score_segments(segment_model, video_model, files, whitelist, resolved, alpha,
-                                                  candidates, top_k, batch_size=batch_size, max_frames=max_frames,
+                                                  candidates, top_k, batch_size=batch_size,
                                                   rated=True, progress=not as_json))
     ratings = rated_pairs(files, video_model.num_classes)
     if not ratings:
         raise click.BadParameter(f"no segment ratings in {len(files)} file(s): eval --segments takes rated segment "
                                  "records (segment_start_times, segment_labels, segment_scores)", param_hint="--data")
+    recall = ranking.candidate_recall["recall"]
     result = {"map": segment_map(ranking.submission(), ratings, top_k), "top_k": top_k,
-              "candidate_recall": ranking.candidate_recall["recall"], "alpha": alpha, "candidates": candidates,
+              "candidate_recall": None if math.isnan(recall) else recall, "alpha": alpha,
+              "candidates": min(candidates, len(whitelist)),
               "num_videos": len(ranking.video_ids), "num_segments": ranking.num_segments, "num_ratings": len(ratings)}
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"segment MAP@{top_k} {result['map']:.4f}  candidate recall {result['candidate_recall']:.4f} "
-                   f"({candidates} candidates, alpha {alpha:g}; {result['num_videos']} videos, "
+        click.echo(f"segment MAP@{top_k} {result['map']:.4f}  candidate recall {recall:.4f} "
+                   f"({result['candidates']} candidates, alpha {alpha:g}; {result['num_videos']} videos, "
                    f"{result['num_segments']} segments scored, {result['num_ratings']} ratings)")
 
 
@@ -495,8 +507,6 @@ def _predict_segments(run: Path, data: tuple[str, ...], output: Path | None, sco
                       alpha: float, candidates: int) -> None:
     """`predict --segments`: the Kaggle `Class,Segments` submission."""
     import shutil
-
-    import torch
 
     from yt8m.ensemble.store import StoreWriter, check_store_output, data_digest
     from yt8m.segments.inference import DEFAULT_TOP_K, score_segments
@@ -513,7 +523,7 @@ def _predict_segments(run: Path, data: tuple[str, ...], output: Path | None, sco
     if scores is not None:
         check_output(scores, files, protect, overwrite=True)  # the store's own rule follows
         check_store_output(scores, overwrite)
-    segment_model, whitelist, max_frames, video_model, resolved = _segment_models(run, video_run, device, weights)
+    segment_model, whitelist, video_model, resolved = _segment_models(run, video_run, device, weights)
     source = {"kind": SEGMENT_SOURCE, "segment_run": str(run.resolve()), "video_run": str(video_run.resolve()),
               "alpha": alpha, "candidates": min(candidates, len(whitelist)), "segment_classes": whitelist.tolist()}
     # a store replaced with --overwrite stays whole until the new one is: it is written beside it
@@ -524,13 +534,14 @@ def _predict_segments(run: Path, data: tuple[str, ...], output: Path | None, sco
                         data={"files": [os.path.realpath(f) for f in files], "digest": data_digest(files)},
                         scores_dtype="float32") if scores is not None else None
 
-    def add(ids, classes, values):  # the candidates' scores as store rows
-        store.add(ids, torch.zeros(len(ids), video_model.num_classes).scatter_(1, classes, values))
+    def add(ids, classes, values):  # the candidates' scores as store rows, best first
+        values, order = values.sort(dim=1, descending=True)
+        store.add_top_k(ids, classes.gather(1, order), values)
 
     try:
         ranking = _data_errors(lambda: score_segments(
             segment_model, video_model, files, whitelist, resolved, alpha, candidates, top_k or DEFAULT_TOP_K,
-            batch_size=batch_size, max_frames=max_frames, on_batch=add if store is not None else None))
+            batch_size=batch_size, on_batch=add if store is not None else None))
     except BaseException:
         if store is not None:
             store.abort()
@@ -606,6 +617,7 @@ def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path 
     from yt8m.train.inference import SubmissionWriter, check_output
 
     if segments:
+        _refuse_with_segments(tta=tta > 1, cascade_from=bool(cascade_from), scores_top_k=scores_top_k != "100")
         return _predict_segments(run, data, output, scores, overwrite, top_k, batch_size, device, weights,
                                  video_run, alpha, candidates)
     if video_run is not None:
@@ -878,12 +890,12 @@ def quickstart(workdir: Path, videos: int, epochs: int, segments: bool) -> None:
     from yt8m.train import TrainConfig, evaluate, load_model, resolve_device, write_submission
     from yt8m.train import train as run_training
 
-    start = time.perf_counter()
+    start, steps = time.perf_counter(), 7 if segments else 4
     corpus, run_dir, submission = workdir / "corpus", workdir / "run", workdir / "submission.csv"
-    click.echo(f"[1/4] synthesizing {videos} videos in {corpus}")
+    click.echo(f"[1/{steps}] synthesizing {videos} videos in {corpus}")
     info = synthesize(corpus, num_videos=videos, num_classes=100, seed=0, overwrite=True)
     train_files, valid_files = info.files["frame"]["train"], info.files["frame"]["validate"]
-    click.echo(f"[2/4] training {QUICKSTART_MODEL} {QUICKSTART_OPTIONS} on {len(train_files)} frame-level shards")
+    click.echo(f"[2/{steps}] training {QUICKSTART_MODEL} {QUICKSTART_OPTIONS} on {len(train_files)} frame-level shards")
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)
@@ -891,11 +903,11 @@ def quickstart(workdir: Path, videos: int, epochs: int, segments: bool) -> None:
                          train_data=[str(p) for p in train_files], output=str(run_dir), num_classes=info.num_classes,
                          epochs=epochs, batch_size=64, log_every=5, checkpoint_every=100)
     run_training(config)
-    click.echo(f"[3/4] evaluating on the validate split ({len(valid_files)} shards)")
+    click.echo(f"[3/{steps}] evaluating on the validate split ({len(valid_files)} shards)")
     device = resolve_device("auto")
     model = load_model(run_dir, map_location=device).to(device)
     scores = evaluate(model, [str(p) for p in valid_files], info.num_classes, device)
-    click.echo(f"[4/4] predicting the test split -> {submission}")
+    click.echo(f"[4/{steps}] predicting the test split -> {submission}")
     count = write_submission(model, [str(p) for p in info.files["frame"]["test"]], submission, info.num_classes,
                              device, overwrite=True)
     click.echo(f"validate: GAP {scores['gap']:.4f}  mAP {scores['map']:.4f}  Hit@1 {scores['hit_at_one']:.4f}  "
@@ -926,19 +938,19 @@ def _quickstart_segments(workdir: Path, info, video_run: Path, epochs: int) -> N
                              init_from=str(video_run), train_data=[str(p) for p in tune], output=str(segment_run),
                              num_classes=info.num_classes, epochs=epochs, batch_size=64, lr=1e-3, log_every=5))
     device = resolve_device("auto")
-    segment_model, whitelist, max_frames = load_segment_run(segment_run, device)
+    segment_model, whitelist = load_segment_run(segment_run, device)
     video_model = load_video_run(video_run, device)
     click.echo(f"[6/7] segment MAP@100000 on the rated segments of {len(rated)} shard(s)")
     ratings = rated_pairs([str(p) for p in rated], info.num_classes)
     figures = []
     for label, alpha in (("video model alone", 1.0), ("segment model alone", 0.0), ("combined (alpha 0.05)", 0.05)):
         ranking = score_segments(segment_model, video_model, [str(p) for p in rated], whitelist, device, alpha,
-                                 max_frames=max_frames, rated=True, progress=False)
+                                 rated=True, progress=False)
         figures.append(f"{label} {segment_map(ranking.submission(), ratings):.4f}")
     recall = ranking.candidate_recall["recall"]
     click.echo(f"[7/7] the Class,Segments submission of the test split -> {submission}")
     ranking = score_segments(segment_model, video_model, [str(p) for p in info.files["frame"]["test"]], whitelist,
-                             device, max_frames=max_frames, progress=False)
+                             device, progress=False)
     count = write_segment_submission(submission, ranking.ranked, whitelist, ranking.video_ids, overwrite=True)
     click.echo(f"segments: MAP@100000 {', '.join(figures)}; the candidates hold {recall:.1%} of the positive "
                f"ratings; {count} segments of {len(whitelist)} classes in {submission}")

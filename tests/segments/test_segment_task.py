@@ -84,7 +84,7 @@ def runs(tiny_corpus, tmp_path_factory):
 
 def test_fine_tuning_starts_from_the_video_head_and_validates_with_segment_map(runs, tiny_corpus):
     video, segments, config, summary = runs
-    model, whitelist, _ = load_segment_run(segments, torch.device("cpu"))
+    model, whitelist = load_segment_run(segments, torch.device("cpu"))
     assert whitelist.tolist() == list(tiny_corpus.whitelist) and model.num_classes == len(whitelist)
     assert 0 <= summary["valid"]["map"] <= 1 and summary["valid"]["num_ratings"] > 0
     metrics = [json.loads(line) for line in (segments / "metrics.jsonl").read_text().splitlines()]
@@ -123,7 +123,7 @@ def test_fine_tuning_refuses_another_model_and_stores_of_videos(runs, tiny_corpu
 def test_the_combined_score_is_the_formula_on_the_candidates(runs, tiny_corpus):
     video, segments, _, _ = runs
     cpu = torch.device("cpu")
-    segment_model, whitelist, max_frames = load_segment_run(segments, cpu)
+    segment_model, whitelist = load_segment_run(segments, cpu)
     video_model = load_video_run(video, cpu)
     data = files(tiny_corpus, "segment", "test")
     alpha = 0.3
@@ -162,7 +162,7 @@ def test_the_combined_score_is_the_formula_on_the_candidates(runs, tiny_corpus):
 def test_the_segment_model_alone_on_every_class_is_its_rated_segment_map(runs, tiny_corpus):
     video, segments, _, _ = runs
     cpu = torch.device("cpu")
-    segment_model, whitelist, _ = load_segment_run(segments, cpu)
+    segment_model, whitelist = load_segment_run(segments, cpu)
     data = files(tiny_corpus, "segment", "test")
     ranking = score_segments(segment_model, load_video_run(video, cpu), data, whitelist, cpu, alpha=0.0,
                              candidates=len(whitelist), progress=False)
@@ -232,3 +232,46 @@ def test_segment_stores_merge_into_the_submission_they_were_scored_with(runs, ti
     other = write_store(tmp_path / "video-store", [(["x"], torch.rand(1, CLASSES))], CLASSES)
     refused = runner.invoke(main, ["merge", "--segments", str(other), "--output", str(tmp_path / "r.csv")])
     assert refused.exit_code != 0 and "is not a segment store" in refused.output
+
+
+def test_init_from_loads_the_video_runs_weights_with_the_head_sliced(runs, tiny_corpus):
+    from yt8m.segments.classes import remap_head
+    from yt8m.segments.training import init_from
+
+    video, segments, _, _ = runs
+    whitelist = np.asarray(tiny_corpus.whitelist)
+    model = build("dbof", num_classes=len(whitelist), **SMALL)
+    init_from(model, video, whitelist)
+    state = torch.load(video / "model.pt", weights_only=True)
+    expected = remap_head(state["model"], model, whitelist, CLASSES)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    with pytest.raises(ValueError, match="is a segment model; start from the video-level run"):
+        init_from(model, segments, whitelist)
+    with pytest.raises(ValueError, match="predicts 12 classes, this run 3"):
+        init_from(build("dbof", num_classes=3, **SMALL), video, None)
+
+
+def test_a_training_step_leaves_the_head_rows_of_unrated_classes_alone(runs, tiny_corpus, tmp_path):
+    """The loop's loss is masked: after one step on segments rated for class 2 alone, the MoE rows of the
+    other classes are where init_from put them (Adam moves nothing whose gradient is 0)."""
+    video, _, _, _ = runs
+    example = {"id": "v", "labels": np.zeros(0, np.int64), "rgb": np.full((20, 1024), 7, np.uint8),
+               "audio": np.full((20, 128), 9, np.uint8), "segment_start_times": np.array([0, 5, 10, 15]),
+               "segment_labels": np.array([2, 2, 2, 2]), "segment_scores": np.array([1.0, 0.0, 1.0, 0.0], np.float32)}
+    write_examples(tmp_path / "seg.tfrecord", [example], "segment")
+    (tmp_path / "segment_label_ids.csv").write_text("Index\n2\n7\n9\n")
+    train(TrainConfig(model="dbof", model_options=SMALL, train_data=[str(tmp_path / "seg.tfrecord")],
+                      output=str(tmp_path / "run"), num_classes=CLASSES, epochs=1, batch_size=4, task="segments",
+                      init_from=str(video), l2=0.0, device="cpu"), progress=False)
+    before = build("dbof", num_classes=3, **SMALL)
+    from yt8m.segments.training import init_from
+
+    init_from(before, video, np.array([2, 7, 9]))
+    after = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["model"]
+    mixtures = before.head.num_mixtures
+    gates, experts = before.state_dict()["head.gates.weight"], before.state_dict()["head.experts.weight"]
+    rated = slice(0, mixtures + 1)  # class 2 is position 0 of the whitelist: its rows move
+    assert not torch.equal(after["head.gates.weight"][rated], gates[rated])
+    assert torch.equal(after["head.gates.weight"][mixtures + 1:], gates[mixtures + 1:])
+    assert torch.equal(after["head.experts.weight"][mixtures:], experts[mixtures:])

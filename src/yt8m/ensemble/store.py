@@ -112,24 +112,44 @@ class StoreWriter(Publishing):
         self.id_lines = open(self.tmp / "ids.txt", "xb")
         self.id_width = 1
 
-    def add(self, ids: Sequence[str], probabilities: torch.Tensor | np.ndarray) -> None:
-        """Appends a batch: ids [B] and dense probabilities [B, C]."""
-        probabilities = torch.as_tensor(probabilities).float()
-        if probabilities.ndim != 2 or probabilities.shape != (len(ids), self.num_classes):
-            raise ValueError(f"probabilities: expected shape ({len(ids)}, {self.num_classes}), "
-                             f"found {tuple(probabilities.shape)}")
+    def _write_ids(self, ids: Sequence[str]) -> None:
         for video_id in ids:
             encoded = video_id.encode()
             if b"\n" in encoded or not encoded:
                 raise ValueError(f"video id {video_id!r}: expected a non-empty id without a line feed")
             self.id_lines.write(encoded + b"\n")
             self.id_width = max(self.id_width, len(encoded))
+
+    def add(self, ids: Sequence[str], probabilities: torch.Tensor | np.ndarray) -> None:
+        """Appends a batch: ids [B] and dense probabilities [B, C]."""
+        probabilities = torch.as_tensor(probabilities).float()
+        if probabilities.ndim != 2 or probabilities.shape != (len(ids), self.num_classes):
+            raise ValueError(f"probabilities: expected shape ({len(ids)}, {self.num_classes}), "
+                             f"found {tuple(probabilities.shape)}")
+        self._write_ids(ids)
         if self.top_k:
             scores, classes = torch.topk(probabilities, self.top_k, dim=1)  # [B, k], best first
             self.scores.append(scores.numpy())
             self.classes.append(classes.numpy())
         else:
             self.scores.append(probabilities.numpy())
+        self.header["num_videos"] += len(ids)
+
+    def add_top_k(self, ids: Sequence[str], classes: torch.Tensor | np.ndarray,
+                  scores: torch.Tensor | np.ndarray) -> None:
+        """Appends a batch already cut to its top k: ids [B], classes and scores [B, k], best first (a store of
+        sparse scores, such as a segment's candidates, without a dense [B, C] matrix)."""
+        classes, scores = torch.as_tensor(classes), torch.as_tensor(scores).float()
+        if not self.top_k or classes.shape != (len(ids), self.top_k) or scores.shape != classes.shape:
+            raise ValueError(f"add_top_k: expected classes and scores of shape ({len(ids)}, {self.top_k}) for a "
+                             f"top-k store, found {tuple(classes.shape)} and {tuple(scores.shape)}")
+        if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
+            raise ValueError(f"add_top_k: class ids outside [0, {self.num_classes})")
+        if len(scores) and bool((scores[:, 1:] > scores[:, :-1]).any()):
+            raise ValueError("add_top_k: each row's scores must come best first")
+        self._write_ids(ids)
+        self.scores.append(scores.numpy())
+        self.classes.append(classes.numpy().astype(self.classes.dtype, copy=False))
         self.header["num_videos"] += len(ids)
 
     def close(self) -> Path:

@@ -37,7 +37,7 @@ def explode_segments(batch: dict, positions: np.ndarray) -> list[dict]:
                                  "in the whitelist of segment classes (segment_label_ids)")
             if start % SEGMENT_LENGTH or not 0 <= start < max(length, 1):
                 raise ValueError(f"video {video_id}: a rated segment starts at frame {start}, expected a multiple "
-                                 f"of {SEGMENT_LENGTH} within its {length} frames")
+                                 f"of {SEGMENT_LENGTH} within the {length} frames read of it")
             end = min(start + SEGMENT_LENGTH, length)
             examples.append({"id": f"{video_id}:{start}", "start": int(start), "num_frames": end - start,
                              "rgb": batch["rgb"][v, start:end], "audio": batch["audio"][v, start:end],
@@ -69,11 +69,10 @@ class SegmentLoader:
     to 4 batches' worth) are mixed before they are cut into batches, from (`seed`, epoch), so that a resumed
     epoch replays the same batches."""
 
-    def __init__(self, videos, positions: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False):
+    def __init__(self, videos, positions: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0):
         self.videos, self.positions, self.batch_size = videos, positions, batch_size
         self.num_classes = int((positions >= 0).sum())
-        self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -98,7 +97,7 @@ class SegmentLoader:
                     window = window[self.batch_size:]
         if self.shuffle:
             window = [window[i] for i in rng.permutation(len(window))]
-        while window and (len(window) >= self.batch_size or not self.drop_last):
+        while window:
             yield collate_segments(window[:self.batch_size], self.num_classes)
             window = window[self.batch_size:]
 

@@ -26,6 +26,7 @@ from yt8m.data import make_loader, prepare_batch
 from yt8m.data.records import SEGMENT_LENGTH
 from yt8m.segments.classes import class_positions
 from yt8m.segments.retrieval import ClassTopK, segment_key
+from yt8m.segments.training import SEGMENT_FRAMES
 
 DEFAULT_ALPHA = 0.05
 DEFAULT_CANDIDATES = 20
@@ -76,7 +77,7 @@ def cut_segments(frames: torch.Tensor, num_frames: torch.Tensor) -> tuple[torch.
 def score_segments(segment_model: nn.Module, video_model: nn.Module, data, whitelist: np.ndarray,
                    device: torch.device, alpha: float = DEFAULT_ALPHA, candidates: int = DEFAULT_CANDIDATES,
                    top_k: int = DEFAULT_TOP_K, batch_size: int = 64, segment_batch_size: int = 2048,
-                   max_frames: int = 300, on_error: str = "raise", rated: bool = False,
+                   max_frames: int = SEGMENT_FRAMES, on_error: str = "raise", rated: bool = False,
                    progress: bool = True, on_batch=None) -> SegmentRanking:
     """One pass of the pipeline over the frame records `data` (segment records with `rated`, which also counts
     the candidates' recall of the positive ratings: `{"positives", "covered", "recall"}`). `on_batch(ids,
@@ -145,9 +146,9 @@ __all__ = ["DEFAULT_ALPHA", "DEFAULT_CANDIDATES", "DEFAULT_TOP_K", "SegmentRanki
            "score_segments"]
 
 
-def load_segment_run(path, device: torch.device, weights: str | None = None) -> tuple[nn.Module, np.ndarray, int]:
-    """(segment model on `device` in eval mode, the original ids of its classes, the frames it reads) of a run
-    trained with `task: segments` (or one of its checkpoint or model files)."""
+def load_segment_run(path, device: torch.device, weights: str | None = None) -> tuple[nn.Module, np.ndarray]:
+    """(segment model on `device` in eval mode, the original ids of its classes) of a run trained with
+    `task: segments` (or one of its checkpoint or model files)."""
     from yt8m.train.checkpoint import chosen_weights, load_checkpoint, model_file, model_from_state
 
     source = model_file(path)
@@ -156,10 +157,7 @@ def load_segment_run(path, device: torch.device, weights: str | None = None) -> 
         raise ValueError(f"{source} is not a segment model (it holds no segment_classes): fine-tune one with `yt8m "
                          "train MODEL --task segments --init-from VIDEO_RUN --train-data SEGMENT_RECORDS`")
     _, chosen = chosen_weights(state, weights, source)
-    train_config = state.get("train_config") if isinstance(state.get("train_config"), dict) else {}
-    max_frames = train_config.get("max_frames", 300)
-    return (model_from_state(chosen, source).to(device), np.asarray(state["segment_classes"], np.int64),
-            max_frames if isinstance(max_frames, int) and max_frames >= 1 else 300)
+    return model_from_state(chosen, source).to(device), np.asarray(state["segment_classes"], np.int64)
 
 
 def load_video_run(path, device: torch.device, weights: str | None = None) -> nn.Module:

@@ -17,6 +17,7 @@ import numpy as np
 from yt8m.data.records import SEGMENT_LENGTH
 from yt8m.ensemble.store import MissingVideosError, ScoreStore
 from yt8m.segments.retrieval import ClassTopK, segment_key, write_segment_submission
+from yt8m.train.inference import check_output
 
 SEGMENT_SOURCE = "segments"  # the `source.kind` of a segment store
 _ROWS_PER_CHUNK = 4096
@@ -36,6 +37,7 @@ def merge_segment_stores(paths: Sequence[str | os.PathLike], output: str | os.Pa
                          overwrite: bool = False) -> int:
     """Writes the `Class,Segments` submission of the weighted mean of the segment stores `paths` (equal weights
     by default, normalised to sum 1); returns the segments written."""
+    check_output(output, protect=[Path(p) for p in paths], overwrite=overwrite)  # before the work, as predict
     stores = [segment_store(path) for path in paths]
     weights = [1.0] * len(stores) if weights is None else [float(w) for w in weights]
     if len(weights) != len(stores) or any(not w >= 0 for w in weights) or sum(weights) <= 0:

@@ -28,8 +28,10 @@ class ClassTopK:
     """The k best entries of every class over a stream of scored (class, key) entries, ranked by score
     descending then key ascending, so the result is the same whatever the order or chunking of the adds.
 
-    Added chunks are buffered; once more than `bound = max(2 * num_classes * k, min_buffer)` entries are
-    held, every class is cut to its top k, so `num_buffered <= bound` after every `add`. A class cut to k
+    Added chunks are buffered; once more than `bound = num_classes * k + max(num_classes * k // 4, min_buffer)`
+    entries are held (the kept lists plus a quarter of slack), every class is cut to its top k, so
+    `num_buffered <= bound` after every `add`: 16 bytes an entry, about 2 GB at 1000 classes x K 100,000,
+    and about 4x that while a cut sorts. A class cut to k
     entries keeps its k-th score as a floor: later entries below it are dropped as they come (ties are kept,
     so the result stays exact), and once the classes fill, most of a stream never reaches the buffer.
     """
@@ -38,7 +40,7 @@ class ClassTopK:
         if not 1 <= num_classes < 2**31 or k < 1:
             raise ValueError(f"ClassTopK: expected 1 <= num_classes < 2**31 and k >= 1, found {num_classes} and {k}")
         self.num_classes, self.k = num_classes, k
-        self.bound = max(2 * num_classes * k, min_buffer)
+        self.bound = num_classes * k + max(num_classes * k // 4, min_buffer)
         self._chunks = [(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64))]
         self.num_buffered = 0
         self._floor = np.full(num_classes, -np.inf, np.float32)  # the k-th score of each full class

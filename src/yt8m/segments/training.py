@@ -12,6 +12,7 @@ from yt8m.metrics.segments import segment_map
 from yt8m.segments.data import SegmentLoader
 
 VIDEOS_PER_READ = 64  # videos decoded at a time; the segments are then cut into batches of their own size
+SEGMENT_FRAMES = 300  # the frames read for segments, whatever the run's max_frames: the starter code's limit
 
 
 def segment_classes(config) -> np.ndarray:
@@ -22,13 +23,15 @@ def segment_classes(config) -> np.ndarray:
     return read_whitelist(path)
 
 
-def segment_loader(files, positions: np.ndarray, batch_size: int, max_frames: int, num_classes: int,
-                   shuffle: bool, seed: int = 0, on_error: str = "raise", num_workers: int = 0,
-                   pin_memory: bool = False) -> SegmentLoader:
-    """Batches of rated segments of the segment records `files` (every frame read: a segment is 5 of them)."""
-    videos = make_loader(files, level="segment", batch_size=VIDEOS_PER_READ, max_frames=max_frames,
+def segment_loader(files, positions: np.ndarray, batch_size: int, num_classes: int, shuffle: bool, seed: int = 0,
+                   on_error: str = "raise", num_workers: int = 0, pin_memory: bool = False, rank: int | None = None,
+                   world_size: int | None = None) -> SegmentLoader:
+    """Batches of rated segments of the segment records `files` (their first SEGMENT_FRAMES frames, every one:
+    a segment is 5 of them), sharded by rank and worker (`rank`/`world_size` None: torch.distributed's)."""
+    videos = make_loader(files, level="segment", batch_size=VIDEOS_PER_READ, max_frames=SEGMENT_FRAMES,
                          num_classes=num_classes, shuffle=shuffle, seed=seed, on_error=on_error,
-                         num_workers=num_workers, pin_memory=pin_memory, sampling="all")
+                         num_workers=num_workers, pin_memory=pin_memory, sampling="all", rank=rank,
+                         world_size=world_size)
     return SegmentLoader(videos, positions, batch_size, shuffle=shuffle, seed=seed)
 
 
@@ -40,7 +43,13 @@ def init_from(model: nn.Module, source, whitelist: np.ndarray | None) -> str:
 
     path = model_file(source)
     _, state = chosen_weights(load_checkpoint(path), None, path)
+    if "segment_classes" in state:
+        raise ValueError(f"init_from: {path} is a segment model; start from the video-level run it was fine-tuned "
+                         "from")
     video_config = state["model_config"]
+    if whitelist is None and video_config["num_classes"] != model.num_classes:
+        raise ValueError(f"init_from: {path} predicts {video_config['num_classes']} classes, this run "
+                         f"{model.num_classes}: a video run starts from a run of the same classes")
     if video_config.get("name") != model.config["name"]:
         raise ValueError(f"init_from: {path} holds a {video_config.get('name')} model, this run trains a "
                          f"{model.config['name']}: fine-tune the model the video run trained")
@@ -67,12 +76,13 @@ def segment_scores(model: nn.Module, loader: SegmentLoader, device: torch.device
 
 
 def rated_segment_map(model: nn.Module, files, whitelist: np.ndarray, positions: np.ndarray, device: torch.device,
-                      batch_size: int = 512, max_frames: int = 300, num_classes: int = 3862, precision: str = "fp32",
+                      batch_size: int = 512, num_classes: int = 3862, precision: str = "fp32",
                       on_error: str = "raise", top_k: int = 100_000) -> dict:
     """Segment MAP@K of the segment model alone on rated segments: each class's rated segments ranked by the
-    model's probability of that class (unrated segments are dropped by the metric anyway)."""
-    loader = segment_loader(files, positions, batch_size, max_frames, num_classes, shuffle=False,
-                            on_error=on_error)
+    model's probability of that class (unrated segments are dropped by the metric anyway). Every record, also
+    inside a distributed run (where rank 0 validates alone)."""
+    loader = segment_loader(files, positions, batch_size, num_classes, shuffle=False, on_error=on_error, rank=0,
+                            world_size=1)
     ratings, scored = [], {int(c): [] for c in whitelist}
     videos = set()
     for ids, probabilities, mask, labels in segment_scores(model, loader, device, precision):

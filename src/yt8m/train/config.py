@@ -138,6 +138,8 @@ class TrainConfig:
             self.cascade_from = [self.cascade_from]
         if self.cascade_from is not None:  # eval and predict read them again, from wherever they run
             self.cascade_from = [os.path.abspath(source) for source in self.cascade_from]
+        if self.init_from is not None:  # recorded as what was read, wherever the run is resumed from
+            self.init_from = os.path.abspath(self.init_from)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

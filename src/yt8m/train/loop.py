@@ -37,9 +37,9 @@ from yt8m.data.records import expand_paths
 from yt8m.metrics import gap, hit_at_one, perr
 from yt8m.models import build
 from yt8m.models.cascade import is_cascade
+from yt8m.models.registry import resolve, upgrade_options
 from yt8m.segments.classes import class_positions
 from yt8m.segments.training import init_from, rated_segment_map, segment_classes, segment_loader
-from yt8m.models.registry import resolve, upgrade_options
 from yt8m.train.bagging import bag_weights
 from yt8m.train.checkpoint import (
     FINAL_MODEL,
@@ -408,9 +408,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         if model.level != "frame":
             raise ValueError(f"task segments needs a frame-level model: {config.model} reads video-level means")
         positions = class_positions(whitelist, config.num_classes)
-        loader = segment_loader(config.train_data, positions, batch_size, config.max_frames, config.num_classes,
-                                shuffle=True, seed=config.seed, on_error=config.on_error,
-                                num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        loader = segment_loader(config.train_data, positions, batch_size, config.num_classes, shuffle=True,
+                                seed=config.seed, on_error=config.on_error, num_workers=config.num_workers,
+                                pin_memory=device.type == "cuda")
     else:
         loader = make_loader(config.train_data, level=model.level, batch_size=batch_size,
                              max_frames=config.max_frames, num_classes=config.num_classes, shuffle=True,
@@ -634,9 +634,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
                                                 on_error=config.on_error, cascade=valid_cascade) \
                         if whitelist is None else \
                         rated_segment_map(scored, config.valid_data, whitelist, positions, device,
-                                          batch_size=batch_size, max_frames=config.max_frames,
-                                          num_classes=config.num_classes, precision=config.precision,
-                                          on_error=config.on_error)
+                                          batch_size=batch_size, num_classes=config.num_classes,
+                                          precision=config.precision, on_error=config.on_error)
                     log.write({"step": step, "epoch": epoch + 1,
                                **{f"valid_{k}": v for k, v in summary["valid"].items()}})
                     if progress:
