@@ -371,6 +371,36 @@ POSITIVE = click.IntRange(min=1)
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
 
 
+def scoring_options(command):
+    """The flags of how `eval` and `predict` score a run: test-time averaging, weights, a cascade's upstream
+    models, and the segment task's."""
+    options = [
+        click.option("--tta", type=POSITIVE, default=1, show_default=True,
+                     help="Average the probabilities of N random frame samples per video (models that sample "
+                          "frames)."),
+        click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
+                     help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema "
+                          "when it has them]."),
+        click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
+                     help="A cascade run's upstream models, one for each it trained on: stores on --data (used as "
+                          "they are), runs or ensembles [default: those it trained on]; repeatable."),
+        click.option("--segments", is_flag=True,
+                     help="The 2019 segment task: RUN is a segment run (--task segments), scored with --video-run."),
+        click.option("--video-run", type=click.Path(exists=True, path_type=Path), default=None,
+                     help="--segments: the video-level run whose top classes are the candidates and whose P_vid "
+                          "enters the score."),
+        click.option("--alpha", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+                     help="--segments: score P_vid ** alpha * P_seg ** (1 - alpha) (1: video model alone, 0: "
+                          "segment model alone)."),
+        click.option("--candidates", type=POSITIVE, default=20, show_default=True,
+                     help="--segments: a video's best whitelisted classes by the video model that its segments are "
+                          "scored for."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("eval")
 @click.argument("run", type=click.Path(path_type=Path), required=False)
 @click.option("--data", required=True, multiple=True, help=f"Labelled TFRecords to score on: {DATA_HELP}.")
@@ -380,25 +410,7 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N or mps."
               "[default: 100000].")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--tta", type=POSITIVE, default=1, show_default=True,
-              help="Average the probabilities of N random frame samples per video (models that sample frames).")
-@click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
-              help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema when it "
-                   "has them].")
-@click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
-              help="A cascade run's upstream models, one for each it trained on: stores on --data (used as they are), "
-                   "runs or ensembles [default: those it trained on]; repeatable.")
-@click.option("--segments", is_flag=True,
-              help="The 2019 segment task: RUN is a segment run (--task segments), scored with --video-run.")
-@click.option("--video-run", type=click.Path(exists=True, path_type=Path), default=None,
-              help="--segments: the video-level run whose top classes are the candidates and whose P_vid enters "
-                   "the score.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              help="--segments: score P_vid ** alpha * P_seg ** (1 - alpha) (1: video model alone, 0: segment "
-                   "model alone).")
-@click.option("--candidates", type=POSITIVE, default=20, show_default=True,
-              help="--segments: a video's best whitelisted classes by the video model that its segments are "
-                   "scored for.")
+@scoring_options
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @usage_errors
 def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None, top_k: int | None, batch_size: int,
@@ -584,25 +596,7 @@ SCORES_TOP_K_HELP = "Classes kept per video in a store: a positive integer, or a
                    "100000].")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--tta", type=POSITIVE, default=1, show_default=True,
-              help="Average the probabilities of N random frame samples per video (models that sample frames).")
-@click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
-              help="A run trained with ema_halflife: its EMA shadow weights or its raw ones [default: ema when it "
-                   "has them].")
-@click.option("--cascade-from", multiple=True, type=click.Path(exists=True, path_type=str),
-              help="A cascade run's upstream models, one for each it trained on: stores on --data (used as they are), "
-                   "runs or ensembles [default: those it trained on]; repeatable.")
-@click.option("--segments", is_flag=True,
-              help="The 2019 segment task: RUN is a segment run (--task segments), scored with --video-run.")
-@click.option("--video-run", type=click.Path(exists=True, path_type=Path), default=None,
-              help="--segments: the video-level run whose top classes are the candidates and whose P_vid enters "
-                   "the score.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              help="--segments: score P_vid ** alpha * P_seg ** (1 - alpha) (1: video model alone, 0: segment "
-                   "model alone).")
-@click.option("--candidates", type=POSITIVE, default=20, show_default=True,
-              help="--segments: a video's best whitelisted classes by the video model that its segments are "
-                   "scored for.")
+@scoring_options
 @usage_errors
 def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path | None, scores_top_k: str,
             overwrite: bool, top_k: int | None, batch_size: int, device: str, tta: int, weights: str | None,
