@@ -774,6 +774,72 @@ def extract(run: Path, member: str, output: Path | None, weights: str | None, ov
                f"{written}")
 
 
+STORAGE_HELP = ("fp32; bf16 (every floating tensor in bfloat16, the 2018 4th place); int8-partial (tensors of more "
+                "than --min-elements elements as 256 uniform min-max levels, the others fp32: the 2018 1st place)")
+
+
+def _budget(value: str | None) -> int | None:
+    from yt8m.export.artifact import parse_size
+
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--budget") from None
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write (never a file of SOURCE).")
+@click.option("--storage", type=click.Choice(["fp32", "bf16", "int8-partial"]), default="fp32", show_default=True,
+              help=STORAGE_HELP)
+@click.option("--min-elements", type=POSITIVE, default=17_000, show_default=True,
+              help="int8-partial: quantize the tensors of more elements than this.")
+@click.option("--budget", default=None, help="Refuse a file larger than this (1GB, 995MB, 500MiB), per member.")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
+              help="A run's EMA or raw weights [default: ema when it has them].")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@usage_errors
+def export(source: Path, output: Path, storage: str, min_elements: int, budget: str | None, weights: str | None,
+           overwrite: bool) -> None:
+    """Write SOURCE (a run, checkpoint or model file, or an ensemble of runs, fused) as ONE self-contained file
+    that eval and predict take like a run: every member's config and weights, the fusion weights, the storage
+    scheme and a digest (the 2018 1st place's single-file submission)."""
+    from yt8m.export.artifact import export_artifact
+
+    written = export_artifact(source, output, storage, min_elements, _budget(budget), weights, overwrite)
+    members = ", ".join(f"{Path(path).name} {count / 1e6:.1f} MB" for path, count in written["members"])
+    click.echo(f"wrote {output}: {written['bytes'] / 1e6:.1f} MB under {storage} ({len(written['members'])} "
+               f"model(s): {members})")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--storage", "storages", multiple=True, type=click.Choice(["fp32", "bf16", "int8-partial"]),
+              help="The schemes to show [default: all]; repeatable.")
+@click.option("--num-classes", type=POSITIVE, default=3862, show_default=True,
+              help="For a preset or model name: the classes to build it with.")
+@click.option("--min-elements", type=POSITIVE, default=17_000, show_default=True,
+              help="int8-partial: quantize the tensors of more elements than this.")
+@click.option("--budget", default=None, help="Say whether the total fits this size (1GB, 995MB, 500MiB).")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+@usage_errors
+def size(source: str, storages: tuple[str, ...], num_classes: int, min_elements: int, budget: str | None,
+         as_json: bool) -> None:
+    """Parameters and bytes of SOURCE (a run, model file, ensemble, exported artifact, or a preset or model name
+    built at --num-classes) per component (pooling, hidden, gating, classifier) and per member, under each
+    storage scheme, and the total against --budget."""
+    import json
+
+    from yt8m.export.size import format_report, size_report
+
+    report = size_report(source, num_classes, min_elements)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(format_report(report, storages or ("fp32", "bf16", "int8-partial"), _budget(budget)))
+
+
 @main.command()
 @click.argument("submissions", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The CSV to write.")

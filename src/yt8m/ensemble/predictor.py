@@ -293,12 +293,17 @@ def run_of(source: Path) -> Path:
 
 
 def source_kind(path: str | os.PathLike) -> str:
-    """`store`, `ensemble` or `run` (a run directory or a checkpoint or model file); FileNotFoundError if none."""
+    """`store`, `ensemble`, `artifact` (a file of `yt8m export`) or `run` (a run directory or a checkpoint or
+    model file); FileNotFoundError if none."""
+    from yt8m.export.artifact import is_artifact
+
     path = Path(path)
     if (path / HEADER).is_file():
         return "store"
     if (path / ENSEMBLE_FILE).is_file():
         return "ensemble"
+    if is_artifact(path):
+        return "artifact"
     if path.is_file() or path.is_dir():
         return "run"
     raise FileNotFoundError(f"no run, ensemble or prediction store at {path}")
@@ -306,21 +311,26 @@ def source_kind(path: str | os.PathLike) -> str:
 
 def load_predictor(path: str | os.PathLike, device: str | torch.device = "auto", batch_size: int = 256,
                    tta: int = 1, weights: str | None = None, cascade_from: list[str] | None = None):
-    """A run directory, checkpoint or model file, prediction store, or ensemble directory, as a predictor;
+    """A run directory, checkpoint or model file, prediction store, ensemble directory or exported artifact, as
+    a predictor;
     `tta` > 1 (test-time averaging over frame samples), `weights` and `cascade_from` (a cascade's upstream
     models, in place of those it trained on) for a run only."""
     kind = source_kind(path)
     for option, given in (("--tta", tta > 1), ("--weights", weights is not None),
                           ("--cascade-from", bool(cascade_from))):
         if given and kind != "run":
-            raise ValueError(f"{option} applies to a run or model file, not to {'an' if kind == 'ensemble' else 'a'} "
-                             f"{kind} ({path})")
+            article = "an" if kind in ("ensemble", "artifact") else "a"
+            raise ValueError(f"{option} applies to a run or model file, not to {article} {kind} ({path})")
     if kind == "store":
         return StorePredictor(path)
     if kind == "ensemble":
         from yt8m.ensemble.ensemble import EnsemblePredictor
 
         return EnsemblePredictor(path, device=device, batch_size=batch_size)
+    if kind == "artifact":
+        from yt8m.export.artifact import ArtifactPredictor
+
+        return ArtifactPredictor(path, device=device, batch_size=batch_size)
     return RunPredictor(path, device=device, batch_size=batch_size, tta=tta, weights=weights,
                         cascade_from=cascade_from)
 

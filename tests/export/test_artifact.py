@@ -1,0 +1,135 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from yt8m.cli import main
+from yt8m.ensemble import fit_ensemble, load_predictor
+from yt8m.export.artifact import content_digest, export_artifact, load_artifact, parse_size
+from yt8m.export.size import component_of, member_of, size_report
+from yt8m.export.storage import stored_bytes
+from yt8m.train import CheckpointError, TrainConfig, train
+
+CLASSES = 12
+
+
+def files(corpus, split: str) -> list[str]:
+    return [str(p) for p in corpus.files["frame"][split]]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_corpus, tmp_path_factory):
+    """Two small runs and their mean and attention ensembles (fitted on validate)."""
+    root = tmp_path_factory.mktemp("artifact_runs")
+    for name, model, options in (("dbof", "dbof", {"num_clusters": 16, "hidden_size": 8}),
+                                 ("nextvlad", "nextvlad", {"num_clusters": 4, "groups": 2, "hidden_size": 8,
+                                                           "expansion": 1})):
+        train(TrainConfig(model=model, model_options=options, train_data=files(tiny_corpus, "train"),
+                          output=str(root / name), num_classes=CLASSES, epochs=1, batch_size=8, max_frames=40,
+                          device="cpu", ema_halflife=3.0), progress=False)
+    members = [str(root / "dbof"), str(root / "nextvlad")]
+    for method in ("mean", "attention"):
+        fit_ensemble(method, members, files(tiny_corpus, "validate"), root / method, progress=False,
+                     options={"epochs": 1} if method == "attention" else None)
+    return root
+
+
+def predictions(source, data) -> dict:
+    return {i: p for ids, probs, _ in load_predictor(source).predict(data, progress=False) for i, p in zip(ids, probs)}
+
+
+@pytest.mark.parametrize("source", ["dbof", "mean", "attention"])
+def test_an_fp32_artifact_predicts_what_its_source_predicts(runs, tiny_corpus, tmp_path, source):
+    test = files(tiny_corpus, "test")
+    written = export_artifact(runs / source, tmp_path / "a.pt")
+    assert load_predictor(tmp_path / "a.pt").kind == "artifact"
+    expected, got = predictions(runs / source, test), predictions(tmp_path / "a.pt", test)
+    assert got.keys() == expected.keys()
+    for video, probabilities in expected.items():
+        torch.testing.assert_close(got[video], probabilities, rtol=0, atol=1e-6)
+    assert written["bytes"] == (tmp_path / "a.pt").stat().st_size
+
+
+def test_storage_schemes_shrink_the_file_and_stay_close(runs, tiny_corpus, tmp_path):
+    test = files(tiny_corpus, "test")
+    expected = predictions(runs / "mean", test)
+    sizes = {}
+    for storage in ("fp32", "bf16", "int8-partial"):
+        path = tmp_path / f"{storage}.pt"
+        sizes[storage] = export_artifact(runs / "mean", path, storage, min_elements=1000)["bytes"]
+        got = predictions(path, test)
+        assert max(float((got[v] - p).abs().max()) for v, p in expected.items()) < 0.05
+        assert load_artifact(path)["storage"] == storage
+    assert sizes["int8-partial"] < sizes["bf16"] < sizes["fp32"]
+
+
+def test_the_budget_refuses_with_the_members_bytes_and_writes_nothing(runs, tmp_path):
+    with pytest.raises(ValueError, match=r"over the budget of 0\.0 MB \(weights by member: .*dbof: .* MB; .*nextvlad"):
+        export_artifact(runs / "mean", tmp_path / "a.pt", budget=1000)
+    assert not (tmp_path / "a.pt").exists()
+    assert parse_size("1GB") == 10**9 and parse_size("995 MB") == 995 * 10**6 and parse_size("2MiB") == 2 * 2**20
+    with pytest.raises(ValueError, match="budget: expected a size"):
+        parse_size("big")
+
+
+def test_the_artifact_records_its_digest_and_a_changed_one_is_refused(runs, tmp_path):
+    export_artifact(runs / "dbof", tmp_path / "a.pt")
+    payload = load_artifact(tmp_path / "a.pt")
+    assert payload["digest"] == content_digest(payload) and payload["members"][0]["model_config"]["name"] == "dbof"
+    first = next(iter(payload["members"][0]["weights"]["tensors"]))
+    payload["members"][0]["weights"]["tensors"][first] = payload["members"][0]["weights"]["tensors"][first] + 1
+    torch.save(payload, tmp_path / "b.pt")  # no .sha256 beside it: the recorded digest still catches the change
+    with pytest.warns(UserWarning, match="no .sha256 digest"), pytest.raises(CheckpointError, match="does not match"):
+        load_artifact(tmp_path / "b.pt")
+
+
+def test_the_ema_weights_are_exported_unless_raw_is_asked(runs, tmp_path):
+    ema = load_predictor(runs / "dbof").model.state_dict()
+    raw = load_predictor(runs / "dbof", weights="raw").model.state_dict()
+    from yt8m.export.storage import unpack_state
+
+    for weights, expected in ((None, ema), ("raw", raw)):
+        export_artifact(runs / "dbof", tmp_path / "a.pt", weights=weights, overwrite=True)
+        state = unpack_state(load_artifact(tmp_path / "a.pt")["members"][0]["weights"])
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def test_sources_that_hold_no_model_are_refused(runs, tiny_corpus, tmp_path):
+    store = load_predictor(runs / "dbof").scores(files(tiny_corpus, "test"), top_k=5, progress=False)
+    with pytest.raises(ValueError, match="is a prediction store"):
+        export_artifact(store.path, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="refusing to write"):
+        export_artifact(runs / "dbof", runs / "dbof" / "model-int8.pt")
+
+
+def test_the_size_report_splits_components_and_members(runs):
+    assert component_of("head.gates.weight") == "classifier" and component_of("hidden.weight") == "hidden"
+    assert component_of("members.1.gating.fc1.weight") == "gating" and component_of("gate.1.weight") == "gating"
+    assert component_of("rgb_pool.cluster_centers") == "pooling"
+    assert member_of("members.2.members.1.head.linear.weight") == "2.1" and member_of("head.weight") == ""
+    report = size_report(str(runs / "mean"))
+    assert {row["model"] for row in report["rows"]} == {"dbof", "nextvlad"}
+    state = load_predictor(runs / "dbof").model.state_dict()
+    dbof_bytes = sum(row["bytes"]["fp32"] for row in report["rows"] if row["model"] == "dbof")
+    assert dbof_bytes == sum(stored_bytes(t, "fp32") for t in state.values())
+    preset = size_report("mix_nextvlad", num_classes=1000)  # built on the meta device
+    assert {row["member"] for row in preset["rows"]} >= {"0", "1", "2"}
+    assert 240e6 < preset["total"]["parameters"] < 255e6  # the paper: 250M at 1000 classes
+
+
+def test_export_and_size_from_the_command_line(runs, tiny_corpus, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(runs / "mean"), "--output", str(tmp_path / "a.pt"), "--storage",
+                                  "int8-partial", "--min-elements", "100"])
+    assert result.exit_code == 0 and "under int8-partial" in result.output, result.output
+    scored = runner.invoke(main, ["eval", str(tmp_path / "a.pt"), "--data", ",".join(files(tiny_corpus, "validate")),
+                                  "--json"])
+    assert scored.exit_code == 0 and json.loads(scored.stdout)["num_videos"] == 16
+    over = runner.invoke(main, ["export", str(runs / "mean"), "--output", str(tmp_path / "b.pt"), "--budget", "1KB"])
+    assert over.exit_code != 0 and "over the budget" in over.output and not (tmp_path / "b.pt").exists()
+    table = runner.invoke(main, ["size", str(tmp_path / "a.pt"), "--budget", "1GB"])
+    assert table.exit_code == 0 and "int8-partial MB" in table.output and "fits" in table.output
+    refused = runner.invoke(main, ["eval", str(tmp_path / "a.pt"), "--data", ",".join(files(tiny_corpus, "validate")),
+                                   "--tta", "2"])
+    assert refused.exit_code != 0 and "not to an artifact" in refused.output
