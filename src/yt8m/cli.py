@@ -798,19 +798,45 @@ def _budget(value: str | None) -> int | None:
 @click.option("--budget", default=None, help="Refuse a file larger than this (1GB, 995MB, 500MiB), per member.")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
               help="A run's EMA or raw weights [default: ema when it has them].")
+@click.option("--format", "file_format", type=click.Choice(["artifact", "onnx", "torchscript"]), default="artifact",
+              show_default=True, help="artifact: the yt8m file; onnx or torchscript: one model (a run, or an "
+              "artifact of one) with dynamic batch and frame count, inputs rgb, audio, num_frames, output logits.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @usage_errors
 def export(source: Path, output: Path, storage: str, min_elements: int, budget: str | None, weights: str | None,
-           overwrite: bool) -> None:
+           file_format: str, overwrite: bool) -> None:
     """Write SOURCE (a run, checkpoint or model file, or an ensemble of runs, fused) as ONE self-contained file
     that eval and predict take like a run: every member's config and weights, the fusion weights, the storage
-    scheme and a digest (the 2018 1st place's single-file submission)."""
+    scheme and a digest (the 2018 1st place's single-file submission); or one model as ONNX or TorchScript."""
     from yt8m.export.artifact import export_artifact
+
+    if file_format != "artifact":
+        return _export_format(source, output, file_format, weights, overwrite)
 
     written = export_artifact(source, output, storage, min_elements, _budget(budget), weights, overwrite)
     members = ", ".join(f"{Path(path).name} {count / 1e6:.1f} MB" for path, count in written["members"])
     click.echo(f"wrote {output}: {written['bytes'] / 1e6:.1f} MB under {storage} ({len(written['members'])} "
                f"model(s): {members})")
+
+
+def _export_format(source: Path, output: Path, file_format: str, weights: str | None, overwrite: bool) -> None:
+    """`export --format onnx|torchscript` of one model."""
+    from yt8m.ensemble import load_predictor
+    from yt8m.export.formats import export as export_model
+    from yt8m.train.inference import check_output
+
+    check_output(output, protect=_protected(source), overwrite=overwrite)
+    predictor = load_predictor(source, device="cpu", weights=weights)
+    members = getattr(predictor, "members", None)
+    if predictor.kind == "store" or (members is not None and len(members) != 1):
+        raise click.BadParameter(f"--format {file_format} exports one model: {source} is "
+                                 f"{'a prediction store' if predictor.kind == 'store' else 'an ensemble'}; export "
+                                 "its members one by one, or the fused artifact (--format artifact)",
+                                 param_hint="SOURCE")
+    model = members[0].model if members is not None else predictor.model
+    export_model(model, output, file_format)
+    click.echo(f"wrote {output}: {model.config['name']} as {file_format} ({output.stat().st_size / 1e6:.1f} MB), "
+               "inputs rgb, audio, num_frames (dynamic batch and frames), output logits")
 
 
 @main.command()

@@ -133,3 +133,19 @@ def test_export_and_size_from_the_command_line(runs, tiny_corpus, tmp_path):
     refused = runner.invoke(main, ["eval", str(tmp_path / "a.pt"), "--data", ",".join(files(tiny_corpus, "validate")),
                                    "--tta", "2"])
     assert refused.exit_code != 0 and "not to an artifact" in refused.output
+
+
+def test_export_format_torchscript_from_the_command_line(runs, tmp_path):
+    from yt8m.export.formats import example_inputs
+
+    result = CliRunner().invoke(main, ["export", str(runs / "dbof"), "--output", str(tmp_path / "m.ts"), "--format",
+                                       "torchscript"])
+    assert result.exit_code == 0 and "as torchscript" in result.output, result.output
+    model = load_predictor(runs / "dbof").model
+    inputs = example_inputs(model, batch=3, frames=9)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.ts"))(*inputs), model(*inputs), rtol=0,
+                                   atol=1e-5)
+    refused = CliRunner().invoke(main, ["export", str(runs / "mean"), "--output", str(tmp_path / "e.ts"), "--format",
+                                        "torchscript"])
+    assert refused.exit_code != 0 and "exports one model" in refused.output

@@ -130,10 +130,13 @@ def masked_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor)
 
     The statistics are masked sums, computed in float32 (float64 for float64 input) and returned in
     x's dtype: no shape depends on the data, so the models export (`torch.export`) and compile
-    without graph breaks.
+    without graph breaks. Without gradients (evaluation, tracing for TorchScript) the same arithmetic runs
+    as plain operations, outside the autograd Function that only training needs.
     """
-    out, mean, var = _MaskedBatchNorm.apply(x, ~mask.unsqueeze(-1), norm.weight, norm.bias, norm.running_mean,
-                                            norm.running_var, norm.eps, norm.training or norm.running_mean is None)
+    arguments = (x, ~mask.unsqueeze(-1), norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps,
+                 norm.training or norm.running_mean is None)
+    out, mean, var = _MaskedBatchNorm.apply(*arguments) if torch.is_grad_enabled() else \
+        _masked_norm(*arguments)[:3]
     if norm.training and norm.running_mean is not None:
         _update_running_stats(norm, mean, var, mask.sum().to(mean.dtype))
     return out
@@ -149,24 +152,12 @@ class _MaskedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, padding, weight, bias, mean, var, eps: float, batch_stats: bool):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        centered = x.to(dtype).masked_fill(padding, 0.0)
-        count = None
-        if batch_stats:
-            count = (~padding).sum().to(dtype).clamp(min=1.0)
-            mean = centered.sum((0, 1)) / count  # [D]
-            centered = centered.sub_(mean).masked_fill_(padding, 0.0)
-            var = torch.linalg.vector_norm(centered, dim=(0, 1)).square() / count
-        else:
-            mean, var = mean.to(dtype), var.to(dtype)
-            centered = centered.sub_(mean)
-        invstd = torch.rsqrt(var + eps)  # [D]
-        scale = invstd if weight is None else invstd * weight.to(dtype)
-        out = centered * scale if bias is None else torch.addcmul(bias.to(dtype), centered, scale)
+        out, mean, var, centered, invstd, scale, count = _masked_norm(x, padding, weight, bias, mean, var, eps,
+                                                                      batch_stats)
         ctx.save_for_backward(centered, padding, invstd, scale, count)
         ctx.batch_stats = batch_stats
         ctx.mark_non_differentiable(mean, var)
-        return out.masked_fill_(padding, 0.0).to(x.dtype), mean, var
+        return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_var):
@@ -184,6 +175,26 @@ class _MaskedBatchNorm(torch.autograd.Function):
         _, _, weight_grad, bias_grad, *_ = ctx.needs_input_grad
         return (grad_x.to(grad_out.dtype), None, grad_centered * invstd if weight_grad else None,
                 grad_bias if bias_grad else None, None, None, None, None)
+
+
+def _masked_norm(x, padding, weight, bias, mean, var, eps: float, batch_stats: bool):
+    """The arithmetic of `_MaskedBatchNorm.forward`: (out, mean, var) and what its backward keeps (centered,
+    invstd, scale, count)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    centered = x.to(dtype).masked_fill(padding, 0.0)
+    count = None
+    if batch_stats:
+        count = (~padding).sum().to(dtype).clamp(min=1.0)
+        mean = centered.sum((0, 1)) / count  # [D]
+        centered = centered.sub_(mean).masked_fill_(padding, 0.0)
+        var = torch.linalg.vector_norm(centered, dim=(0, 1)).square() / count
+    else:
+        mean, var = mean.to(dtype), var.to(dtype)
+        centered = centered.sub_(mean)
+    invstd = torch.rsqrt(var + eps)  # [D]
+    scale = invstd if weight is None else invstd * weight.to(dtype)
+    out = centered * scale if bias is None else torch.addcmul(bias.to(dtype), centered, scale)
+    return out.masked_fill_(padding, 0.0).to(x.dtype), mean, var, centered, invstd, scale, count
 
 
 @torch.no_grad()

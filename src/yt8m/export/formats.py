@@ -1,0 +1,153 @@
+"""Exported models: one file that maps (rgb, audio, num_frames) to class logits, for any batch size and frame count.
+
+Two formats, both with inputs named `rgb`, `audio`, `num_frames` and one output `logits` [B, C], the same as
+`model(rgb, audio, num_frames)` in eval mode (probabilities are `sigmoid(logits)`):
+- `export_torchscript`: `torch.jit.trace`, saved with `torch.jit.save` (a `.pt` TorchScript archive).
+- `export_onnx`: the torch.export-based ONNX exporter (`torch.onnx.export(..., dynamo=True)`, which needs the
+  `onnx` and `onnxscript` packages), run with e.g. onnxruntime.
+
+Inputs: frame-level models take rgb [B, T, 1024] and audio [B, T, 128] float32 with the padding frames after
+`num_frames` [B] int64 zero (as `data.prepare_batch` makes them); video-level models (`model.level == "video"`)
+take rgb [B, 1024] and audio [B, 128] and ignore `num_frames` (ones, say). B and T are dynamic in both formats.
+
+A TorchScript file runs only through TorchScript's own interpreter (`torch.jit.load` unpickles no Python
+objects), but what it computes is whatever its author traced: loading one is still the user's decision to trust
+its source. yt8m's own loaders never read a `.pt` TorchScript archive as model weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from yt8m.data import AUDIO_DIM, RGB_DIM
+from yt8m.models import VideoClassifier
+from yt8m.models.cascade import is_cascade
+
+INPUT_NAMES = ("rgb", "audio", "num_frames")
+OUTPUT_NAMES = ("logits",)
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 20  # torch.onnx's default in torch 2.13; opset 18 and above work
+
+
+def export(model: VideoClassifier, path: str | Path, format: str, opset: int = ONNX_OPSET) -> Path:
+    """`model` exported to `path` as "onnx" or "torchscript" (see the module); returns the path."""
+    if format == "onnx":
+        return export_onnx(model, path, opset)
+    if format == "torchscript":
+        return export_torchscript(model, path)
+    raise ValueError(f"unknown export format {format!r}: expected one of {', '.join(FORMATS)}")
+
+
+def export_torchscript(model: VideoClassifier, path: str | Path) -> Path:
+    """`model`'s eval-mode forward traced with dynamic batch and frames, saved with `torch.jit.save`; returns the path.
+
+    Tracing records tensor operations only: the models take no Python branch on the batch or frame count, so
+    one trace serves every shape (the tests run each exported model at two). The trace is made on the model's
+    device, whose name it records: export a CPU model for a file that runs anywhere.
+    """
+    path = Path(path)
+    name = _check_exportable(model, "TorchScript")
+    # without gradients, masked batch norm runs as plain operations (`layers.masked_batch_norm`), which a trace holds
+    with _eval_mode(model), torch.no_grad():
+        try:
+            traced = torch.jit.trace(model, example_inputs(model), check_trace=False)
+            torch.jit.save(traced, str(path))
+        except Exception as error:
+            raise RuntimeError(f"model {name} could not be exported to TorchScript ({path}): {error}") from error
+    return path
+
+
+def export_onnx(model: VideoClassifier, path: str | Path, opset: int = ONNX_OPSET) -> Path:
+    """`model`'s eval-mode forward as an ONNX graph of opset `opset` with dynamic axes "batch" and "frames";
+    returns the path. The weights are inside the file, or, for a model over 2 GB (ONNX's limit on one file),
+    in a `<path>.data` file next to it."""
+    try:
+        import onnxscript
+    except ImportError as error:
+        raise ImportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from error
+    path = Path(path)
+    name = _check_exportable(model, "ONNX")
+    batch, frames = Dim("batch", min=1), Dim("frames", min=1)
+    per_frame = {0: batch} if model.level == "video" else {0: batch, 1: frames}
+    with _eval_mode(model), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                model, example_inputs(model), dynamo=True, opset_version=opset, verbose=False,
+                input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={"rgb": per_frame, "audio": per_frame, "num_frames": {0: batch}},
+                custom_translation_table={torch.ops.aten.scaled_dot_product_attention.default:
+                                          _attention_translation(getattr(onnxscript, f"opset{opset}"))})
+            program.save(str(path))
+        except Exception as error:
+            raise RuntimeError(f"model {name} could not be exported to ONNX ({path}): {error}") from error
+    return path
+
+
+def example_inputs(model: VideoClassifier, batch: int = 2, frames: int = 3) -> tuple[torch.Tensor, ...]:
+    """(rgb, audio, num_frames) on `model`'s device to trace it with: sizes above 1, which exporters would
+    otherwise fix as constants, and one video shorter than the batch's frames."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    if model.level == "video":
+        shapes, num_frames = ((batch, RGB_DIM), (batch, AUDIO_DIM)), torch.ones(batch, dtype=torch.int64)
+    else:
+        shapes = ((batch, frames, RGB_DIM), (batch, frames, AUDIO_DIM))
+        num_frames = torch.full((batch,), frames, dtype=torch.int64)
+        num_frames[-1] = frames - 1
+    rgb, audio = (torch.randn(*shape, generator=generator) for shape in shapes)
+    if model.level == "frame":
+        rgb[-1, -1], audio[-1, -1] = 0.0, 0.0  # the last video's padding frame
+    return rgb.to(device), audio.to(device), num_frames.to(device)
+
+
+def _check_exportable(model: nn.Module, format: str) -> str:
+    """The model's name for messages, or a ValueError/TypeError that says why it cannot be exported."""
+    name = getattr(model, "config", {}).get("name", type(model).__name__)
+    if not isinstance(model, VideoClassifier):
+        raise TypeError(f"{format} export takes a yt8m VideoClassifier (yt8m.models.build), got {type(model).__name__}")
+    if is_cascade(model):
+        raise ValueError(f"model {name} is a cascade: it needs the upstream models' predictions besides the frames, "
+                         f"which the exported signature ({', '.join(INPUT_NAMES)}) has no input for")
+    devices = {tensor.device for tensor in [*model.parameters(), *model.buffers()]}
+    if len(devices) > 1:
+        raise ValueError(f"model {name} has parameters on {len(devices)} devices ({', '.join(map(str, devices))}): "
+                         f"{format} export needs them on one (model.cpu())")
+    return name
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def _attention_translation(op: types.ModuleType):
+    """An ONNX translation (in opset module `op`) of `F.scaled_dot_product_attention` for 3-D inputs without a
+    mask, dropout or causality, as the non-local block calls it: onnxscript's own translation takes 4-D only."""
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None or dropout_p or is_causal or enable_gqa:
+            raise NotImplementedError("scaled_dot_product_attention with a mask, dropout, causality or grouped "
+                                      "queries has no ONNX translation here")
+        if scale is None:
+            scale = float(query.shape[-1]) ** -0.5
+        keys = op.Transpose(key, perm=[*range(len(key.shape) - 2), len(key.shape) - 1, len(key.shape) - 2])
+        scores = op.Mul(op.MatMul(query, keys), op.CastLike(op.Constant(value_float=scale), query))  # [B, L, S]
+        return op.MatMul(op.Softmax(scores, axis=-1), value)
+
+    return attention
+
+
+__all__ = ["FORMATS", "INPUT_NAMES", "ONNX_OPSET", "OUTPUT_NAMES", "example_inputs", "export", "export_onnx",
+           "export_torchscript"]
