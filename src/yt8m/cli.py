@@ -823,20 +823,18 @@ def _export_format(source: Path, output: Path, file_format: str, weights: str | 
     """`export --format onnx|torchscript` of one model."""
     from yt8m.ensemble import load_predictor
     from yt8m.export.formats import export as export_model
+    from yt8m.export.formats import fused
     from yt8m.train.inference import check_output
 
     check_output(output, protect=_protected(source), overwrite=overwrite)
     predictor = load_predictor(source, device="cpu", weights=weights)
-    members = getattr(predictor, "members", None)
-    if predictor.kind == "store" or (members is not None and len(members) != 1):
-        raise click.BadParameter(f"--format {file_format} exports one model: {source} is "
-                                 f"{'a prediction store' if predictor.kind == 'store' else 'an ensemble'}; export "
-                                 "its members one by one, or the fused artifact (--format artifact)",
-                                 param_hint="SOURCE")
-    model = members[0].model if members is not None else predictor.model
+    if predictor.kind == "store":
+        raise click.BadParameter(f"{source} is a prediction store: it holds scores, not a model", param_hint="SOURCE")
+    model = fused(predictor)
     export_model(model, output, file_format)
+    outputs = getattr(model, "output_name", "logits")
     click.echo(f"wrote {output}: {model.config['name']} as {file_format} ({output.stat().st_size / 1e6:.1f} MB), "
-               "inputs rgb, audio, num_frames (dynamic batch and frames), output logits")
+               f"inputs rgb, audio, num_frames (dynamic batch and frames), output {outputs}")
 
 
 @main.command()

@@ -146,6 +146,61 @@ def test_export_format_torchscript_from_the_command_line(runs, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.ts"))(*inputs), model(*inputs), rtol=0,
                                    atol=1e-5)
-    refused = CliRunner().invoke(main, ["export", str(runs / "mean"), "--output", str(tmp_path / "e.ts"), "--format",
-                                        "torchscript"])
-    assert refused.exit_code != 0 and "exports one model" in refused.output
+    fused = CliRunner().invoke(main, ["export", str(runs / "mean"), "--output", str(tmp_path / "e.ts"), "--format",
+                                      "torchscript"])
+    assert fused.exit_code == 0 and "fused_ensemble as torchscript" in fused.output, fused.output
+
+
+@pytest.fixture(scope="module")
+def full_frame_ensembles(runs, tiny_corpus):
+    """mean and attention ensembles of two members that read every frame (nextvlad, frame_logistic)."""
+    train(TrainConfig(model="frame_logistic", train_data=files(tiny_corpus, "train"), output=str(runs / "logistic"),
+                      num_classes=CLASSES, epochs=1, batch_size=8, max_frames=40, device="cpu"), progress=False)
+    members = [str(runs / "nextvlad"), str(runs / "logistic")]
+    for method in ("mean", "attention"):
+        fit_ensemble(method, members, files(tiny_corpus, "validate"), runs / f"full-{method}", progress=False,
+                     options={"epochs": 1, "batch_size": 4} if method == "attention" else None)
+    return runs
+
+
+@pytest.mark.parametrize("method", ["mean", "attention"])
+def test_the_fused_module_predicts_what_the_ensemble_predicts(full_frame_ensembles, tiny_corpus, method):
+    from yt8m.data import make_loader, prepare_batch
+    from yt8m.export.formats import FusedEnsemble, fused
+
+    source = full_frame_ensembles / f"full-{method}"
+    model = fused(load_predictor(source, device="cpu"))
+    assert isinstance(model, FusedEnsemble) and model.combiner.needs_features == (method == "attention")
+    expected = predictions(source, files(tiny_corpus, "test"))
+    with torch.no_grad():
+        # the batch the members predict in (load_predictor's 256): the same arithmetic, the same float16 rounding
+        for batch in make_loader(files(tiny_corpus, "test"), batch_size=256, max_frames=40, num_classes=CLASSES):
+            ready = prepare_batch(batch, "cpu")
+            got = model(ready["rgb"], ready["audio"], ready["num_frames"])
+            for video, probabilities in zip(batch["id"], got):
+                # attention's features: the ensemble's are the mean of up to 300 frames, the module's of those given
+                torch.testing.assert_close(probabilities, expected[video], rtol=0,
+                                           atol=1e-6 if method == "mean" else 1e-4)
+
+
+@pytest.mark.parametrize("file_format", ["torchscript", "onnx"])
+def test_a_fused_ensemble_exports_with_dynamic_batch_and_frames(full_frame_ensembles, tmp_path, file_format):
+    from yt8m.export.formats import example_inputs, export, fused
+
+    model = fused(load_predictor(full_frame_ensembles / "full-attention", device="cpu"))
+    path = export(model, tmp_path / f"e.{file_format}", file_format) if file_format == "torchscript" else None
+    if file_format == "onnx":
+        onnxruntime = pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+        path = export(model, tmp_path / "e.onnx", "onnx")
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [o.name for o in session.get_outputs()] == ["probabilities"]
+        run = lambda *inputs: torch.from_numpy(session.run(None, dict(zip(  # noqa: E731
+            ("rgb", "audio", "num_frames"), (t.numpy() for t in inputs))))[0])
+    else:
+        loaded = torch.jit.load(str(path))
+        run = loaded  # noqa: E731
+    for batch, frames in ((2, 7), (5, 13)):
+        inputs = example_inputs(model, batch=batch, frames=frames)
+        with torch.no_grad():
+            torch.testing.assert_close(run(*inputs), model(*inputs), rtol=0, atol=1e-4)

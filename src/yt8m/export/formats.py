@@ -36,6 +36,62 @@ FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 20  # torch.onnx's default in torch 2.13; opset 18 and above work
 
 
+class FusedEnsemble(VideoClassifier):
+    """An ensemble as one module (2018 1st place §3.2: one graph, one input, a weighted output): every member
+    on the same frames, each member's probabilities kept to the ensemble's top k classes in float16 as its
+    prediction store holds them, then the fitted combiner (with, for `attention`, the mean input features).
+    Returns PROBABILITIES [B, C], the combiner's output (output name "probabilities"). Each member sees the
+    frames given: a member that samples frames at evaluation sees them all here; `attention`'s features are
+    the mean of the frames given (the ensemble directory's, of each video's first 300)."""
+
+    output_name = "probabilities"
+
+    def __init__(self, members: list[VideoClassifier], combiner: nn.Module, top_k: int | None, method: str = ""):
+        levels = {getattr(member, "level", "frame") for member in members}
+        if len(levels) > 1:
+            raise ValueError("a fused ensemble's members must read records of one level, found video and frame")
+        super().__init__(members[0].num_classes, input_norm=False)
+        self.level = levels.pop()
+        self.members, self.combiner, self.top_k = nn.ModuleList(members), combiner, top_k
+        self.config = {"name": "fused_ensemble", "method": method, "top_k": top_k,
+                       "members": [member.config for member in members]}
+
+    def forward(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+        stored = []
+        for member in self.members:
+            probabilities = torch.sigmoid(member(rgb, audio, num_frames).float())  # [B, C]
+            if self.top_k is not None and self.top_k < self.num_classes:
+                values, index = probabilities.topk(self.top_k, dim=1)
+                probabilities = torch.zeros_like(probabilities).scatter(1, index, values.half().float())
+            else:
+                probabilities = probabilities.half().float()
+            stored.append(probabilities)
+        features = None
+        if self.combiner.needs_features:  # as the holdout's: the mean of the real frames (zero padding)
+            if self.level == "frame":
+                count = num_frames.clamp(min=1).unsqueeze(1).to(rgb.dtype)
+                features = torch.cat([rgb.sum(1) / count, audio.sum(1) / count], dim=1)
+            else:
+                features = torch.cat([rgb, audio], dim=1)
+        return self.combiner(torch.stack(stored, dim=1), features)
+
+
+def fused(predictor) -> VideoClassifier:
+    """The one model of a run's or artifact's predictor, or the `FusedEnsemble` of an ensemble's (its members
+    runs) or of a fused artifact's."""
+    members = getattr(predictor, "members", None)
+    if members is None:
+        return predictor.model
+    if getattr(predictor, "combiner", None) is None:
+        return members[0].model
+    for member in members:
+        if getattr(member, "kind", "run") != "run":
+            raise ValueError(f"member {member.path} is not a model (a store or an ensemble): a fused export holds "
+                             "models")
+    method = getattr(predictor, "config", {}).get("method", "")
+    return FusedEnsemble([member.model for member in members], predictor.combiner, predictor.top_k, method).eval()
+
+
 def export(model: VideoClassifier, path: str | Path, format: str, opset: int = ONNX_OPSET) -> Path:
     """`model` exported to `path` as "onnx" or "torchscript" (see the module); returns the path."""
     if format == "onnx":
@@ -80,7 +136,7 @@ def export_onnx(model: VideoClassifier, path: str | Path, opset: int = ONNX_OPSE
         try:
             program = torch.onnx.export(
                 model, example_inputs(model), dynamo=True, opset_version=opset, verbose=False,
-                input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                input_names=list(INPUT_NAMES), output_names=[getattr(model, "output_name", OUTPUT_NAMES[0])],
                 dynamic_shapes={"rgb": per_frame, "audio": per_frame, "num_frames": {0: batch}},
                 custom_translation_table={torch.ops.aten.scaled_dot_product_attention.default:
                                           _attention_translation(getattr(onnxscript, f"opset{opset}"))})
