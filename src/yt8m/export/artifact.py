@@ -59,7 +59,8 @@ def content_digest(payload: dict) -> str:
 
 
 def parse_size(text: str) -> int:
-    """Bytes of "1GB", "995MB", "500 MiB", "1e9" (GB = 10^9 bytes as the 2018 rules, GiB = 2^30)."""
+    """Bytes of "1GB", "995MB", "500 MiB", "1e9": SI units (GB = 10^9 bytes) and binary ones (GiB = 2^30). The
+    2018 rule's "1GB" was evidently 2^30 bytes: the 1st place's final ensemble was 1052 MB (its Table 4)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     cleaned = text.strip().upper().replace(" ", "")
     number = cleaned.rstrip("KMGIB")
