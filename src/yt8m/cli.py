@@ -795,7 +795,7 @@ def _budget(value: str | None) -> int | None:
               help=STORAGE_HELP)
 @click.option("--min-elements", type=POSITIVE, default=17_000, show_default=True,
               help="int8-partial: quantize the tensors of more elements than this.")
-@click.option("--budget", default=None, help="Refuse a file larger than this (1GB, 995MB, 500MiB), per member.")
+@click.option("--budget", default=None, help="Refuse a file larger than this (1GiB, 995MB, 500MiB).")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
               help="A run's EMA or raw weights [default: ema when it has them].")
 @click.option("--format", "file_format", type=click.Choice(["artifact", "onnx", "torchscript"]), default="artifact",
@@ -827,6 +827,8 @@ def _export_format(source: Path, output: Path, file_format: str, weights: str | 
     from yt8m.train.inference import check_output
 
     check_output(output, protect=_protected(source), overwrite=overwrite)
+    if file_format == "onnx":  # a model over 2 GB keeps its weights in OUTPUT.data
+        check_output(output.with_name(output.name + ".data"), protect=_protected(source), overwrite=overwrite)
     predictor = load_predictor(source, device="cpu", weights=weights)
     if predictor.kind == "store":
         raise click.BadParameter(f"{source} is a prediction store: it holds scores, not a model", param_hint="SOURCE")

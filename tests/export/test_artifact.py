@@ -204,3 +204,33 @@ def test_a_fused_ensemble_exports_with_dynamic_batch_and_frames(full_frame_ensem
         inputs = example_inputs(model, batch=batch, frames=frames)
         with torch.no_grad():
             torch.testing.assert_close(run(*inputs), model(*inputs), rtol=0, atol=1e-4)
+
+
+def test_only_an_artifact_reads_as_one(runs, tmp_path):
+    from yt8m.ensemble.predictor import source_kind
+    from yt8m.export.artifact import is_artifact
+
+    export_artifact(runs / "dbof", tmp_path / "a.pt")
+    assert is_artifact(tmp_path / "a.pt") and source_kind(tmp_path / "a.pt") == "artifact"
+    state = torch.load(runs / "dbof" / "model.pt", weights_only=True)
+    state["train_config"]["output"] = "/data/yt8m-artifacts/run1"  # the format's name inside another file
+    torch.save(state, tmp_path / "model.pt")
+    assert not is_artifact(tmp_path / "model.pt") and source_kind(tmp_path / "model.pt") == "run"
+    whole = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[:len(whole) // 2])
+    assert not is_artifact(tmp_path / "truncated.pt")  # not a zip any more: loading it reports the damage
+    damaged = bytearray(whole)
+    damaged[len(whole) // 2:len(whole) // 2 + 64] = bytes(64)  # the weights, not the peeked pickle
+    (tmp_path / "damaged.pt").write_bytes(bytes(damaged))
+    with pytest.warns(UserWarning, match="no .sha256"), pytest.raises(CheckpointError):
+        load_predictor(tmp_path / "damaged.pt")
+    assert not is_artifact(tmp_path / "missing.pt") and not is_artifact(runs / "dbof")
+
+
+def test_a_range_beyond_float32_is_refused_by_the_quantizer():
+    from yt8m.export.storage import quantize
+
+    with pytest.raises(ValueError, match="exceeds float32"):
+        quantize(torch.tensor([-3e38, 3e38]))
+    with pytest.raises(ValueError, match="budget: expected a size"):
+        parse_size("1e400GB")

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from small_models import SMALL
 from torch import nn
 
 from yt8m.data import AUDIO_DIM, RGB_DIM
@@ -14,14 +15,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated"),
               pytest.mark.filterwarnings("ignore:# The axis name")]  # torch.onnx: our axis names, given twice
 
 NUM_CLASSES = 12
-SMALL = {"dbof": {"num_clusters": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32}, "gru": {"hidden_size": 16},
-         "nextvlad": {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16},
-         "mix_nextvlad": {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16},
-         "mod_nextvlad": {"num_subtrees": 2, "num_members": 2, "num_clusters": 4, "groups": 2, "expansion": 1,
-                          "hidden_size": 16},
-         **{name: {"num_clusters": 8, "hidden_size": 32}
-            for name in ("netvlad", "netrvlad", "netfv", "nonlocal_netvlad")},
-         **{name: {"num_clusters": 64, "hidden_size": 32} for name in ("soft_dbof", "gated_dbof")}}  # as tests/models
 NUM_FRAMES = (torch.tensor([7, 3]), torch.tensor([13, 0, 5, 1, 9]))  # (B=2, T=7) and (B=5, T=13)
 
 

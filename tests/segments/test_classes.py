@@ -3,22 +3,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from small_models import SMALL, inputs
 from torch import nn
 
-from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models import available, build, entry
 from yt8m.segments.classes import class_positions, find_whitelist, read_whitelist, remap_head
 
 VIDEO_CLASSES = 12
 WHITELIST = np.array([1, 4, 5, 9, 11])
-SMALL = {"dbof": {"num_clusters": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32}, "gru": {"hidden_size": 16},
-         **{name: {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16}
-            for name in ("nextvlad", "mix_nextvlad")},
-         "mod_nextvlad": {"num_subtrees": 2, "num_members": 2, "num_clusters": 4, "groups": 2, "expansion": 1,
-                          "hidden_size": 16},
-         **{name: {"num_clusters": 8, "hidden_size": 32}
-            for name in ("netvlad", "netrvlad", "netfv", "nonlocal_netvlad")},
-         **{name: {"num_clusters": 64, "hidden_size": 32} for name in ("soft_dbof", "gated_dbof")}}
 PROBABILITY_GATED = [name for name in available() if entry(name).defaults.get("gated_moe")]  # WILLOW's gated MoE
 
 
@@ -96,21 +88,6 @@ def small_model(name: str, num_classes: int, **overrides) -> nn.Module:
             if parameter.dim() == 1:  # biases and BatchNorm affine terms (often 0 or 1 as built)
                 parameter.add_(torch.randn_like(parameter), alpha=0.3)
     return model.eval()
-
-
-def inputs(model: nn.Module, num_frames=(10, 3, 1, 7), max_frames: int = 10):
-    """Random frames (or video means), padding frames zero."""
-    generator = torch.Generator().manual_seed(0)
-    num_frames = torch.tensor(num_frames)
-    batch = len(num_frames)
-    if model.level == "video":
-        return torch.randn(batch, RGB_DIM, generator=generator), torch.randn(batch, AUDIO_DIM, generator=generator), \
-            torch.ones(batch, dtype=torch.int64)
-    rgb = torch.randn(batch, max_frames, RGB_DIM, generator=generator)
-    audio = torch.randn(batch, max_frames, AUDIO_DIM, generator=generator)
-    padding = torch.arange(max_frames)[None, :] >= num_frames[:, None]
-    rgb[padding], audio[padding] = 0.0, 0.0
-    return rgb, audio, num_frames
 
 
 def remapped(name: str) -> tuple[nn.Module, nn.Module]:

@@ -16,7 +16,6 @@ it predicts what the ensemble directory predicts.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from yt8m.export.storage import DEFAULT_MIN_ELEMENTS, STORAGES, pack_state, stored_bytes, unpack_state
+from yt8m.export.storage import DEFAULT_MIN_ELEMENTS, STORAGES, pack_state, unpack_state
 
 FORMAT = "yt8m-artifact"
 VERSION = 1
@@ -69,7 +68,7 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in units or not value > 0:
+    if unit not in units or not 0 < value < float("inf") or not value * units[unit] < 2**63:
         raise ValueError(f"budget: expected a size such as 1GB, 995MB or 500MiB, found {text!r}")
     return int(value * units[unit])
 
@@ -81,8 +80,14 @@ def _members_of(source: Path, weights: str | None) -> tuple[list, dict | None]:
     kind = source_kind(source)
     if kind == "store":
         raise ValueError(f"{source} is a prediction store: a store holds scores, not a model to export")
+    if kind == "artifact":
+        raise ValueError(f"{source} is already an artifact: export its run or ensemble")
     if kind == "run":
-        return [RunPredictor(source, device="cpu", weights=weights)], None
+        run = RunPredictor(source, device="cpu", weights=weights)
+        if run.cascade_from:
+            raise ValueError(f"{source} is a cascade: its input needs its upstream models, which an artifact does "
+                             "not hold")
+        return [run], None
     if weights is not None:
         raise ValueError("--weights applies to a run; an ensemble's members are exported with the weights it was "
                          "fitted on")
@@ -109,10 +114,6 @@ def artifact_payload(source: str | os.PathLike, storage: str = "fp32", min_eleme
         raise ValueError(f"storage: expected one of {', '.join(STORAGES)}, found {storage!r}")
     source = Path(source)
     members, combiner = _members_of(source, weights)
-    for member in members:
-        if member.cascade_from:
-            raise ValueError(f"{member.path} is a cascade: its input needs its upstream models, which an artifact "
-                             "does not hold")
     records = [{"source": str(member.path), "model_config": dict(member.model.config),
                 "max_frames": member.max_frames, "weights": pack_state(member.model.state_dict(), storage,
                                                                         min_elements)}
@@ -124,21 +125,15 @@ def artifact_payload(source: str | os.PathLike, storage: str = "fp32", min_eleme
     return payload
 
 
-def payload_bytes(payload: dict) -> int:
-    """The size torch.save gives `payload`, in bytes."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.tell()
-
-
 def member_bytes(payload: dict) -> list[tuple[str, int]]:
-    """(member source, bytes of its stored weights) of an artifact's content."""
-    rows = []
-    for member in payload["members"]:
-        state = unpack_state(member["weights"])
-        rows.append((member["source"], sum(stored_bytes(t, payload["storage"], payload["min_elements"])
-                                           for t in state.values())))
-    return rows
+    """(member source, bytes of its stored weights: codes and their range, or the tensors) of an artifact."""
+    def stored(entry) -> int:
+        if isinstance(entry, dict):
+            return entry["codes"].numel() + 8
+        return entry.numel() * entry.element_size()
+
+    return [(member["source"], sum(stored(e) for e in member["weights"]["tensors"].values()))
+            for member in payload["members"]]
 
 
 def export_artifact(source: str | os.PathLike, output: str | os.PathLike, storage: str = "fp32",
@@ -151,18 +146,22 @@ def export_artifact(source: str | os.PathLike, output: str | os.PathLike, storag
     from yt8m.train.inference import check_output
 
     output, source = Path(output), Path(source)
-    protected = run_of(source)
-    check_output(output, protect=[protected, digest_path(protected)] if protected.is_file() else [protected],
-                 overwrite=overwrite)
     payload = artifact_payload(source, storage, min_elements, weights)
-    size = payload_bytes(payload)
+    sources = {run_of(source), *(run_of(Path(member["source"])) for member in payload["members"])}
+    protect = [path for run in sources for path in ([run, digest_path(run)] if run.is_file() else [run])]
+    check_output(output, protect=protect, overwrite=overwrite)
+    check_output(digest_path(output), protect=protect, overwrite=True)
     rows = member_bytes(payload)
-    if budget is not None and size > budget:
-        breakdown = "; ".join(f"{path}: {count / 1e6:.1f} MB" for path, count in rows)
-        raise ValueError(f"the artifact would take {size / 1e6:.1f} MB under {storage}, over the budget of "
-                         f"{budget / 1e6:.1f} MB (weights by member: {breakdown}); try --storage int8-partial or "
-                         "bf16, or fewer members. Nothing was written")
-    atomic_save(payload, output)
+
+    def within_budget(written: Path) -> None:  # the file as written: its size is what the budget bounds
+        size = written.stat().st_size
+        if budget is not None and size > budget:
+            breakdown = "; ".join(f"{Path(path).name}: {count / 1e6:.1f} MB" for path, count in rows)
+            raise ValueError(f"the artifact takes {size / 1e6:.1f} MB under {storage}, over the budget of "
+                             f"{budget / 1e6:.1f} MB (weights by member: {breakdown}); try --storage int8-partial "
+                             "or bf16, or fewer members. Nothing was written")
+
+    atomic_save(payload, output, check=within_budget)
     return {"path": output, "bytes": output.stat().st_size, "members": rows, "storage": storage}
 
 
@@ -183,16 +182,33 @@ def load_artifact(path: str | os.PathLike) -> dict:
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
-    """Whether `path` is a file written by `export_artifact` (a cheap look: the zip's data records name it)."""
+    """Whether `path` is a file written by `export_artifact`: its pickle's first key is "format" and its value
+    FORMAT, read from the opcodes (`pickletools.genops`, which runs nothing). A damaged file is not an
+    artifact here: loading it reports the damage."""
+    import pickletools
     import zipfile
 
     path = Path(path)
-    if not path.is_file() or not zipfile.is_zipfile(path):
+    try:
+        if not path.is_file() or not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            pickled = next((name for name in archive.namelist() if name.endswith("/data.pkl")), None)
+            if pickled is None:
+                return False
+            with archive.open(pickled) as stream:
+                strings = []
+                for opcode, argument, _ in pickletools.genops(stream):
+                    if isinstance(argument, str) and "UNICODE" in opcode.name:
+                        strings.append(argument)
+                        if len(strings) == 2:
+                            return strings == ["format", FORMAT]
+                    elif opcode.name not in ("PROTO", "FRAME", "EMPTY_DICT", "MARK", "MEMOIZE", "BINPUT",
+                                             "LONG_BINPUT"):
+                        return False
+    except (zipfile.BadZipFile, OSError, ValueError):
         return False
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        pickled = next((name for name in names if name.endswith("/data.pkl")), None)
-        return pickled is not None and FORMAT.encode() in archive.read(pickled)
+    return False
 
 
 class _Member:
@@ -247,7 +263,7 @@ class ArtifactPredictor:
             self.members.append(_Member(model, record["max_frames"], self.device, batch_size, self.digest, index,
                                         self.path))
         self.num_classes = payload["num_classes"]
-        self.combiner, self.top_k = None, None
+        self.combiner, self.top_k, self.config = None, None, {}
         if payload["combiner"] is not None:
             record = payload["combiner"]
             try:
@@ -257,7 +273,7 @@ class ArtifactPredictor:
             except (RuntimeError, ValueError, TypeError, KeyError) as error:
                 raise CheckpointError(self.path, f"its combiner does not fit its members: {error}") from None
             self.combiner.eval()
-            self.top_k = record["top_k"]
+            self.top_k, self.config = record["top_k"], {"method": record["method"]}
 
     def identity(self) -> dict:
         return {"kind": "artifact", "path": str(self.path.resolve()), "storage": self.storage,

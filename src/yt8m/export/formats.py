@@ -18,6 +18,7 @@ its source. yt8m's own loaders never read a `.pt` TorchScript archive as model w
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,7 +115,9 @@ def export_torchscript(model: VideoClassifier, path: str | Path) -> Path:
     with _eval_mode(model), torch.no_grad():
         try:
             traced = torch.jit.trace(model, example_inputs(model), check_trace=False)
-            torch.jit.save(traced, str(path))
+            partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+            torch.jit.save(traced, str(partial))  # a failed export leaves the old file, not half a new one
+            os.replace(partial, path)
         except Exception as error:
             raise RuntimeError(f"model {name} could not be exported to TorchScript ({path}): {error}") from error
     return path

@@ -45,6 +45,8 @@ def _states(source: str, num_classes: int) -> list[tuple[str, dict[str, torch.Te
     from yt8m.models import build
 
     if not os.path.exists(source):
+        if os.sep in source or source.endswith((".pt", ".onnx", ".ts")):
+            raise FileNotFoundError(f"no run, model file, ensemble or artifact at {source}")
         with torch.device("meta"):
             return [(source, build(source, num_classes=num_classes).state_dict())]
     kind = source_kind(source)

@@ -45,7 +45,11 @@ def _levels(minimum: float, maximum: float) -> torch.Tensor:
     """The 256 float32 levels of [minimum, maximum]; quantize and dequantize share them."""
     if not (math.isfinite(minimum) and math.isfinite(maximum) and minimum <= maximum):
         raise ValueError(f"quantization range: expected finite min <= max, found min={minimum!r}, max={maximum!r}")
-    return torch.linspace(minimum, maximum, LEVELS, dtype=torch.float32)
+    levels = torch.linspace(minimum, maximum, LEVELS, dtype=torch.float32)
+    if not torch.isfinite(levels).all():  # a range wider than float32 holds: its steps overflow
+        raise ValueError(f"quantization range: max - min = {maximum - minimum:.3g} exceeds float32, whose levels "
+                         "would overflow; store this tensor in fp32")
+    return levels
 
 
 def quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, float, float]:

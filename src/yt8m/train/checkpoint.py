@@ -74,14 +74,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path, check=None) -> None:
     """torch.save to a temporary file, its digest beside it, then rename: a killed run never leaves
-    half a file under the final name, and two writers never share a temporary file."""
+    half a file under the final name, and two writers never share a temporary file. `check(tmp)` may refuse
+    the written file (by raising) before anything is published (a size budget)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
         torch.save(obj, tmp)
+        if check is not None:
+            check(tmp)
         # the digest first: a crash between the two renames leaves a digest that the old file
         # fails (reported, never trusted), not a new file without a digest
         atomic_write_text(digest_path(path), f"{file_digest(tmp)}  {path.name}\n")

@@ -1,0 +1,31 @@
+"""Small configurations of every registered model, and their inputs, shared by the tests of several folders
+(`tests/` is on the import path: its conftest.py puts it there)."""
+
+import torch
+
+from yt8m.data import AUDIO_DIM, RGB_DIM
+
+SMALL = {"dbof": {"num_clusters": 64, "hidden_size": 32}, "lstm": {"hidden_size": 32}, "gru": {"hidden_size": 16},
+         "nextvlad": {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16},
+         "mix_nextvlad": {"num_clusters": 4, "groups": 2, "expansion": 1, "hidden_size": 16},
+         "mod_nextvlad": {"num_subtrees": 2, "num_members": 2, "num_clusters": 4, "groups": 2, "expansion": 1,
+                          "hidden_size": 16},
+         **{name: {"num_clusters": 8, "hidden_size": 32}
+            for name in ("netvlad", "netrvlad", "netfv", "nonlocal_netvlad")},
+         **{name: {"num_clusters": 64, "hidden_size": 32} for name in ("soft_dbof", "gated_dbof")}}
+NUM_FRAMES = torch.tensor([10, 3, 1, 7, 10])
+
+
+def inputs(model, num_frames: torch.Tensor = NUM_FRAMES, max_frames: int = 10, seed: int = 0):
+    """A batch as `prepare_batch` makes it: (rgb, audio, num_frames), padding frames zero."""
+    generator = torch.Generator().manual_seed(seed)
+    num_frames = torch.as_tensor(num_frames)
+    batch = len(num_frames)
+    if model.level == "video":
+        return torch.randn(batch, RGB_DIM, generator=generator), torch.randn(batch, AUDIO_DIM, generator=generator), \
+            torch.ones(batch, dtype=torch.int64)
+    rgb = torch.randn(batch, max_frames, RGB_DIM, generator=generator)
+    audio = torch.randn(batch, max_frames, AUDIO_DIM, generator=generator)
+    padding = torch.arange(max_frames)[None, :] >= num_frames[:, None]
+    rgb[padding], audio[padding] = 0.0, 0.0
+    return rgb, audio, num_frames
