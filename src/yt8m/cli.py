@@ -117,12 +117,18 @@ def _check_model(name: str) -> None:
 
 def _protected(source: Path) -> list[Path]:
     """What predicting from `source` never writes over: its run, ensemble or store, or the model file and
-    its digest."""
-    from yt8m.ensemble.predictor import run_of
+    its digest; for an ensemble, its members' too."""
+    from yt8m.ensemble.predictor import ENSEMBLE_FILE, run_of
     from yt8m.train.checkpoint import digest_path
 
     run = run_of(source)
-    return [run, digest_path(run)] if run.is_file() else [run]
+    protected = [run, digest_path(run)] if run.is_file() else [run]
+    if (run / ENSEMBLE_FILE).is_file():
+        from yt8m.ensemble.ensemble import _ensemble_config, member_path
+
+        for record in _ensemble_config(run)["members"]:
+            protected += _protected(member_path(record, run))
+    return protected
 
 
 def _load_predictor(source: Path, device: str, batch_size: int, what: str = "RUN", tta: int = 1,
@@ -301,8 +307,12 @@ def bag(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple
     start = time.perf_counter()
     ensemble = _training(lambda: train_bags(config, bags, holdout_patterns, resume=resume, progress=not quiet))
     if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 reports
+        import yaml
+
+        scores = yaml.safe_load((ensemble / "ensemble.yaml").read_text())["holdout_scores"]
+        best = max(member["gap"] for member in scores["members"].values())
         click.echo(f"trained {bags} bags of {model} in {time.perf_counter() - start:.0f} s -> {output}; their "
-                   f"mean ensemble: {ensemble}")
+                   f"mean ensemble {ensemble}: holdout GAP {scores['ensemble']['gap']:.4f} (best bag {best:.4f})")
     _leave_process_group()
 
 
@@ -799,8 +809,9 @@ def _budget(value: str | None) -> int | None:
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
               help="A run's EMA or raw weights [default: ema when it has them].")
 @click.option("--format", "file_format", type=click.Choice(["artifact", "onnx", "torchscript"]), default="artifact",
-              show_default=True, help="artifact: the yt8m file; onnx or torchscript: one model (a run, or an "
-              "artifact of one) with dynamic batch and frame count, inputs rgb, audio, num_frames, output logits.")
+              show_default=True, help="artifact: the yt8m file; onnx or torchscript: a run's model (output logits), or "
+              "an ensemble or fused artifact as one module (output probabilities), with dynamic batch and frame "
+              "count, inputs rgb, audio, num_frames.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @usage_errors
 def export(source: Path, output: Path, storage: str, min_elements: int, budget: str | None, weights: str | None,

@@ -275,3 +275,24 @@ def test_a_training_step_leaves_the_head_rows_of_unrated_classes_alone(runs, tin
     assert not torch.equal(after["head.gates.weight"][rated], gates[rated])
     assert torch.equal(after["head.gates.weight"][mixtures + 1:], gates[mixtures + 1:])
     assert torch.equal(after["head.experts.weight"][mixtures:], experts[mixtures:])
+
+
+def test_a_segment_run_is_scored_with_segments_only_and_an_ensemble_is_no_video_run(runs, tiny_corpus, tmp_path):
+    video, segments, _, _ = runs
+    runner = CliRunner()
+    test = ",".join(files(tiny_corpus, "frame", "test"))
+    plain = runner.invoke(main, ["predict", str(segments), "--data", test, "--output", str(tmp_path / "v.csv")])
+    assert plain.exit_code != 0 and "is a segment model (task segments): score it with --segments" in plain.output
+    from yt8m.ensemble import fit_ensemble
+    from yt8m.segments.training import init_from
+
+    fit_ensemble("mean", [str(video), str(video / "model.pt")], files(tiny_corpus, "frame", "validate"),
+                 tmp_path / "ens", progress=False)
+    wrong = runner.invoke(main, ["eval", str(segments), "--segments", "--video-run", str(tmp_path / "ens"), "--data",
+                                 ",".join(files(tiny_corpus, "segment", "test"))])
+    assert wrong.exit_code != 0 and "is an ensemble, not a run" in wrong.output
+    with pytest.raises(ValueError, match="is an ensemble, not a run: start from one video run"):
+        init_from(build("dbof", num_classes=3, **SMALL), tmp_path / "ens", np.array([2, 7, 9]))
+    member = runner.invoke(main, ["predict", str(tmp_path / "ens"), "--data", test, "--output",
+                                  str(video / "model.pt"), "--overwrite"])
+    assert member.exit_code != 0 and "refusing to write" in member.output  # an ensemble's members are its files

@@ -200,6 +200,9 @@ class RunPredictor:
         self.model_file = model_file(self.path)
         self.model_digest = recorded_digest(self.model_file) or file_digest(self.model_file)
         state = load_checkpoint(self.model_file)
+        if "segment_classes" in state:  # its outputs are whitelist positions, not the data's classes
+            raise ValueError(f"{self.model_file} is a segment model (task segments): score it with --segments "
+                             "--video-run VIDEO_RUN")
         self.weights, chosen = chosen_weights(state, weights, self.model_file)  # a run's EMA, when it has one
         self.model = model_from_state(chosen, self.model_file)
         self.num_classes = self.model.num_classes

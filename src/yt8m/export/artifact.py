@@ -157,9 +157,11 @@ def export_artifact(source: str | os.PathLike, output: str | os.PathLike, storag
         size = written.stat().st_size
         if budget is not None and size > budget:
             breakdown = "; ".join(f"{Path(path).name}: {count / 1e6:.1f} MB" for path, count in rows)
-            raise ValueError(f"the artifact takes {size / 1e6:.1f} MB under {storage}, over the budget of "
-                             f"{budget / 1e6:.1f} MB (weights by member: {breakdown}); try --storage int8-partial "
-                             "or bf16, or fewer members. Nothing was written")
+            smaller = [s for s in ("bf16", "int8-partial") if STORAGES.index(s) > STORAGES.index(storage)]
+            advice = f"try --storage {' or '.join(smaller)}, or fewer members" if smaller else "try fewer members"
+            raise ValueError(f"the artifact takes {size:,} bytes ({size / 1e6:.1f} MB) under {storage}, over the "
+                             f"budget of {budget:,} bytes (weights by member: {breakdown}); {advice}. Nothing was "
+                             "written")
 
     atomic_save(payload, output, check=within_budget)
     return {"path": output, "bytes": output.stat().st_size, "members": rows, "storage": storage}

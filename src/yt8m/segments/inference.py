@@ -164,6 +164,12 @@ def load_video_run(path, device: torch.device, weights: str | None = None) -> nn
     """The video-level model of a run (its candidates and P_vid), on `device` in eval mode."""
     from yt8m.train.checkpoint import chosen_weights, load_checkpoint, model_file, model_from_state
 
+    from yt8m.ensemble.predictor import source_kind
+
+    kind = source_kind(path)
+    if kind != "run":
+        what = "an ensemble" if kind == "ensemble" else f"a {'prediction store' if kind == 'store' else kind}"
+        raise ValueError(f"--video-run: {path} is {what}, not a run: give one video-level run")
     source = model_file(path)
     state = load_checkpoint(source)
     if "segment_classes" in state:

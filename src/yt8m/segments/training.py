@@ -41,6 +41,13 @@ def init_from(model: nn.Module, source, whitelist: np.ndarray | None) -> str:
     from yt8m.segments.classes import remap_head
     from yt8m.train.checkpoint import chosen_weights, load_checkpoint, model_file
 
+    from yt8m.ensemble.predictor import source_kind
+
+    kind = source_kind(source)
+    if kind != "run":
+        what = "an ensemble" if kind == "ensemble" else f"a {'prediction store' if kind == 'store' else kind}"
+        raise ValueError(f"init_from: {source} is {what}, not a run: start from one video run (a member's run, "
+                         "or `yt8m extract` of a mixture)")
     path = model_file(source)
     _, state = chosen_weights(load_checkpoint(path), None, path)
     if "segment_classes" in state:
