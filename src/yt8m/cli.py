@@ -469,7 +469,7 @@ def evaluate_command(run: Path | None, data: tuple[str, ...], store: Path | None
     else:
         labeled = f", {scores['num_labeled']} with labels" if scores["num_labeled"] < scores["num_videos"] else ""
         click.echo(f"GAP@{top_k} {scores['gap']:.4f}  mAP {scores['map']:.4f}  Hit@1 {scores['hit_at_one']:.4f}  "
-                   f"PERR {scores['perr']:.4f}  ({scores['num_videos']} videos{labeled})")
+                   f"PERR {scores['perr']:.4f}  ({scores['num_videos']} videos{labeled}{_weights_note(predictor)})")
 
 
 def _refuse_with_segments(**given: bool) -> None:
@@ -581,6 +581,12 @@ def _predict_segments(run: Path, data: tuple[str, ...], output: Path | None, sco
                    f"({ranking.num_segments / max(ranking.seconds, 1e-9):,.0f} segments/s) to {output}")
 
 
+def _weights_note(predictor) -> str:
+    """", the EMA weights" for a run read with its EMA shadow weights (eval's and predict's default)."""
+    return "; the run's EMA weights (--weights raw for the others)" if getattr(predictor, "weights", None) == "ema" \
+        else ""
+
+
 def _scores_top_k(value: str) -> int | None:
     if value == "all":
         return None
@@ -656,7 +662,7 @@ def predict(run: Path, data: tuple[str, ...], output: Path | None, scores: Path 
             submission.abort()
         raise
     if submission is not None:
-        click.echo(f"wrote {submission.close()} videos to {output}")
+        click.echo(f"wrote {submission.close()} videos to {output}{_weights_note(predictor)}")
 
 
 @main.command()

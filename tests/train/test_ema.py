@@ -71,6 +71,10 @@ def test_eval_uses_the_ema_weights_when_the_run_has_them(tiny_corpus, tmp_path):
     ema, raw = (json.loads(runner.invoke(main, ["eval", str(tmp_path / "ema"), "--data", validate, "--json",
                                                 *extra]).stdout) for extra in ([], ["--weights", "raw"]))
     assert ema["gap"] != raw["gap"]
+    said = runner.invoke(main, ["eval", str(tmp_path / "ema"), "--data", validate])
+    assert "the run's EMA weights" in said.stdout  # the default is said
+    assert "EMA" not in runner.invoke(main, ["eval", str(tmp_path / "ema"), "--data", validate, "--weights",
+                                             "raw"]).stdout
     refused = runner.invoke(main, ["eval", str(tmp_path / "plain"), "--data", validate, "--weights", "ema"])
     assert refused.exit_code == 2 and "holds no EMA weights" in refused.output
 
