@@ -142,23 +142,44 @@ def anonymous_mib() -> float:
     return float("nan")
 
 
-def fit_one(method: str, stores: list[str], files: list[str], output: str) -> None:
+def peak_during(work) -> dict:
+    """`work()`'s result (a dict), with this process's anonymous memory before it (`baseline_mib`) and its peak
+    during it (`peak_anon_mib`, sampled every 20 ms)."""
     peak, done = [anonymous_mib()], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.02):
             peak.append(anonymous_mib())
 
-    baseline = peak[0]
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter()
-    record = fit_ensemble(method, stores, files, output, overwrite=True, progress=False)
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    print(json.dumps({"seconds": seconds, "fit_seconds": record["seconds"]["fit"], "baseline_mib": baseline,
-                      "peak_anon_mib": max(peak), "gap": record["holdout_scores"]["ensemble"]["gap"]}))
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return {**result, "baseline_mib": peak[0], "peak_anon_mib": max(peak)}
+
+
+def run_parts(args, parts: dict) -> None:
+    """The machine line, then each part of `parts` that `args.what` names, in `args.workdir` (default: a temporary
+    directory, removed at the end), each in its own sub-folder."""
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        for name, part in parts.items():
+            if name in args.what:
+                part(args, work / name)
+
+
+def fit_one(method: str, stores: list[str], files: list[str], output: str) -> None:
+    def work() -> dict:
+        start = time.perf_counter()
+        record = fit_ensemble(method, stores, files, output, overwrite=True, progress=False)
+        return {"seconds": time.perf_counter() - start, "fit_seconds": record["seconds"]["fit"],
+                "gap": record["holdout_scores"]["ensemble"]["gap"]}
+
+    print(json.dumps(peak_during(work)))
 
 
 def scale(args, work: Path) -> None:
@@ -199,13 +220,7 @@ def main() -> None:
         fit_one(args.fit_one, stores, sorted(str(p) for p in (work / "holdout").glob("*.tfrecord")),
                 str(work / "ensembles" / args.fit_one))
         return
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or Path(tmp)
-        if "quality" in args.what:
-            quality(args, work / "quality")
-        if "scale" in args.what:
-            scale(args, work / "scale")
+    run_parts(args, {"quality": quality, "scale": scale})
 
 
 if __name__ == "__main__":

@@ -41,11 +41,8 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from yt8m.host import tune_host
@@ -55,7 +52,7 @@ tune_host()  # as the yt8m command line does; must precede importing torch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_ensemble import MEMBERS, anonymous_mib, machine  # noqa: E402  (its members, memory probe, machine)
+from bench_ensemble import MEMBERS, peak_during, run_parts  # noqa: E402  (its members, memory probe, parts)
 from yt8m.data import write_examples  # noqa: E402
 from yt8m.data.records import SEGMENT_LENGTH  # noqa: E402
 from yt8m.data.synthetic import synthesize  # noqa: E402
@@ -82,25 +79,6 @@ PAPER = {"dummy": ("dummy prediction (a NeXtVLAD video model)", 0.64809, 0.66188
          "dbof": ("DBoF baseline, without pretrain", 0.69882, 0.71077),
          "nextvlad": ("NeXtVLAD, without pretrain", 0.77009, 0.77730),
          "finetuned": ("NeXtVLAD, pretrain and finetune", 0.79642, 0.80635)}
-
-
-def peak_during(work: Callable[[], dict]) -> dict:
-    """`work()`'s result, with this process's anonymous memory before it and its peak during it (sampled every
-    20 ms, as bench_ensemble.py measures its fits)."""
-    peak, done = [anonymous_mib()], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            peak.append(anonymous_mib())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        result = work()
-    finally:
-        done.set()
-        sampler.join()
-    return {**result, "baseline_mib": peak[0], "peak_anon_mib": max(peak)}
 
 
 # ---- quality ----
@@ -368,13 +346,7 @@ def main() -> None:
     if args.heaps_one is not None:
         print(json.dumps(heaps_one(args, args.heaps_one)))
         return
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or Path(tmp)
-        if "quality" in args.what:
-            quality(args, work / "quality")
-        if "scale" in args.what:
-            scale(args, work / "scale")
+    run_parts(args, {"quality": quality, "scale": scale})
 
 
 if __name__ == "__main__":
