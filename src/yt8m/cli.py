@@ -171,6 +171,13 @@ def _data_errors(run):
         raise click.ClickException(str(error)) from None
 
 
+def _with_options(command, options: list):
+    """`command` decorated with `options` (click decorators), in the order given (the first is listed first)."""
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def train_options(command):
     """The flags of `yt8m train`, shared by `yt8m bag`."""
     options = [
@@ -202,9 +209,7 @@ def train_options(command):
         click.option("--resume", is_flag=True, help="Continue the run in --output from its latest checkpoint."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 def _train_config(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple[str, ...],
@@ -292,9 +297,7 @@ def bag(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple
     """Bagging: train --bags runs of MODEL, each on its own Poisson(1) bootstrap of --train-data (bag_seed 1..K,
     seed + 0..K-1), into OUTPUT/bag-1 ... OUTPUT/bag-K, and write their mean ensemble OUTPUT/ensemble, which
     eval and predict take. --resume continues an interrupted bagging."""
-    import torch.distributed as dist
-
-    from yt8m.train.bagging import train_bags
+    from yt8m.train.bagging import ENSEMBLE_DIR, train_bags
 
     # the flags make the config (a resumed bagging repeats its command): each bag's checkpoint is checked against it
     config = _train_config(model, train_data, output, valid_data, num_classes, epochs, batch_size, lr, max_steps,
@@ -305,14 +308,13 @@ def bag(model: str, train_data: tuple[str, ...], output: Path, valid_data: tuple
     if holdout_patterns:
         _resolve_data(holdout_patterns, "--holdout")
     start = time.perf_counter()
-    ensemble = _training(lambda: train_bags(config, bags, holdout_patterns, resume=resume, progress=not quiet))
-    if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 reports
-        import yaml
-
-        scores = yaml.safe_load((ensemble / "ensemble.yaml").read_text())["holdout_scores"]
+    record = _training(lambda: train_bags(config, bags, holdout_patterns, resume=resume, progress=not quiet))
+    if record is not None:  # under torchrun, rank 0 reports
+        scores = record["holdout_scores"]
         best = max(member["gap"] for member in scores["members"].values())
         click.echo(f"trained {bags} bags of {model} in {time.perf_counter() - start:.0f} s -> {output}; their "
-                   f"mean ensemble {ensemble}: holdout GAP {scores['ensemble']['gap']:.4f} (best bag {best:.4f})")
+                   f"mean ensemble {output / ENSEMBLE_DIR}: holdout GAP {scores['ensemble']['gap']:.4f} (best bag "
+                   f"{best:.4f})")
     _leave_process_group()
 
 
@@ -406,9 +408,7 @@ def scoring_options(command):
                      help="--segments: a video's best whitelisted classes by the video model that its segments are "
                           "scored for."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 @main.command("eval")
@@ -499,7 +499,7 @@ def _evaluate_segments(run: Path | None, data: tuple[str, ...], top_k: int | Non
     import math
 
     from yt8m.metrics.segments import segment_map
-    from yt8m.segments.inference import DEFAULT_TOP_K, rated_pairs, score_segments
+    from yt8m.segments.inference import DEFAULT_TOP_K, score_segments
 
     top_k = top_k or DEFAULT_TOP_K
     files = _resolve_data(_patterns(data), "--data")
@@ -507,7 +507,7 @@ def _evaluate_segments(run: Path | None, data: tuple[str, ...], top_k: int | Non
     ranking = _data_errors(lambda: score_segments(segment_model, video_model, files, whitelist, resolved, alpha,
                                                   candidates, top_k, batch_size=batch_size,
                                                   rated=True, progress=not as_json))
-    ratings = rated_pairs(files, video_model.num_classes)
+    ratings = ranking.ratings  # read in the scoring pass
     if not ratings:
         raise click.BadParameter(f"no segment ratings in {len(files)} file(s): eval --segments takes rated segment "
                                  "records (segment_start_times, segment_labels, segment_scores)", param_hint="--data")
@@ -902,6 +902,7 @@ def merge(submissions: tuple[Path, ...], output: Path, weights: str | None, top_
     ensemble)."""
     from yt8m.ensemble import merge_submissions
     from yt8m.segments.merge import merge_segment_stores
+    from yt8m.segments.retrieval import DEFAULT_TOP_K as SEGMENT_TOP_K
 
     values = None
     if weights is not None:
@@ -911,7 +912,8 @@ def merge(submissions: tuple[Path, ...], output: Path, weights: str | None, top_
             raise click.BadParameter(f"expected numbers separated by commas, got {weights!r}",
                                      param_hint="--weights") from None
     if segments:
-        count = merge_segment_stores(list(submissions), output, values, top_k=top_k or 100_000, overwrite=overwrite)
+        count = merge_segment_stores(list(submissions), output, values, top_k=top_k or SEGMENT_TOP_K,
+                                     overwrite=overwrite)
         click.echo(f"wrote {count} segments to {output}")
         return
     folders = [str(path) for path in submissions if path.is_dir()]
@@ -1028,7 +1030,7 @@ def _quickstart_segments(workdir: Path, info, video_run: Path, epochs: int) -> N
     import shutil
 
     from yt8m.metrics.segments import segment_map
-    from yt8m.segments.inference import load_segment_run, load_video_run, rated_pairs, score_segments
+    from yt8m.segments.inference import load_segment_run, load_video_run, score_segments
     from yt8m.segments.retrieval import write_segment_submission
     from yt8m.train import TrainConfig, resolve_device
     from yt8m.train import train as run_training
@@ -1044,12 +1046,11 @@ def _quickstart_segments(workdir: Path, info, video_run: Path, epochs: int) -> N
     segment_model, whitelist = load_segment_run(segment_run, device)
     video_model = load_video_run(video_run, device)
     click.echo(f"[6/7] segment MAP@100000 on the rated segments of {len(rated)} shard(s)")
-    ratings = rated_pairs([str(p) for p in rated], info.num_classes)
     figures = []
     for label, alpha in (("video model alone", 1.0), ("segment model alone", 0.0), ("combined (alpha 0.05)", 0.05)):
         ranking = score_segments(segment_model, video_model, [str(p) for p in rated], whitelist, device, alpha,
                                  rated=True, progress=False)
-        figures.append(f"{label} {segment_map(ranking.submission(), ratings):.4f}")
+        figures.append(f"{label} {segment_map(ranking.submission(), ranking.ratings):.4f}")
     recall = ranking.candidate_recall["recall"]
     click.echo(f"[7/7] the Class,Segments submission of the test split -> {submission}")
     ranking = score_segments(segment_model, video_model, [str(p) for p in info.files["frame"]["test"]], whitelist,

@@ -156,6 +156,7 @@ def test_the_combined_score_is_the_formula_on_the_candidates(runs, tiny_corpus):
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     recall = ranking.candidate_recall
     assert recall["positives"] == sum(score > 0 for *_, score in rated_pairs(data, CLASSES))
+    assert ranking.ratings == rated_pairs(data, CLASSES)  # read in the same pass
     assert 0 <= recall["covered"] <= recall["positives"]
 
 

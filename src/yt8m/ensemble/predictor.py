@@ -215,8 +215,7 @@ class RunPredictor:
         self.tta = tta  # checked by predict_batches, before it reads any data
         # a cascade's upstream models: those it trained on (their stores stand for their runs), unless given
         train_config = state.get("train_config") if isinstance(state.get("train_config"), dict) else {}
-        trained_from = train_config.get("cascade_from") or []
-        trained_from = [trained_from] if isinstance(trained_from, str) else list(trained_from)
+        trained_from = list(train_config.get("cascade_from") or [])  # TrainConfig keeps it a list
         self.cascade_given = bool(cascade_from)
         self.cascade_from = list(cascade_from) if cascade_from else trained_from
         self._upstream_digest = None

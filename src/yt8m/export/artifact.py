@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from yt8m.export.storage import DEFAULT_MIN_ELEMENTS, STORAGES, pack_state, unpack_state
+from yt8m.export.storage import DEFAULT_MIN_ELEMENTS, STORAGES, pack_state, packed_bytes, unpack_state
 
 FORMAT = "yt8m-artifact"
 VERSION = 1
@@ -126,14 +126,8 @@ def artifact_payload(source: str | os.PathLike, storage: str = "fp32", min_eleme
 
 
 def member_bytes(payload: dict) -> list[tuple[str, int]]:
-    """(member source, bytes of its stored weights: codes and their range, or the tensors) of an artifact."""
-    def stored(entry) -> int:
-        if isinstance(entry, dict):
-            return entry["codes"].numel() + 8
-        return entry.numel() * entry.element_size()
-
-    return [(member["source"], sum(stored(e) for e in member["weights"]["tensors"].values()))
-            for member in payload["members"]]
+    """(member source, bytes of its stored weights) of an artifact."""
+    return [(member["source"], packed_bytes(member["weights"])) for member in payload["members"]]
 
 
 def export_artifact(source: str | os.PathLike, output: str | os.PathLike, storage: str = "fp32",

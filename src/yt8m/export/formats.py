@@ -31,6 +31,8 @@ from torch.export import Dim
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models import VideoClassifier
 from yt8m.models.cascade import is_cascade
+from yt8m.models.registry import model_name
+from yt8m.train.checkpoint import temporary_path
 
 INPUT_NAMES = ("rgb", "audio", "num_frames")
 OUTPUT_NAMES = ("logits",)
@@ -121,9 +123,12 @@ def export_torchscript(model: VideoClassifier, path: str | Path) -> Path:
     with _eval_mode(model), torch.no_grad():
         try:
             traced = torch.jit.trace(model, example_inputs(model), check_trace=False)
-            partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-            torch.jit.save(traced, str(partial))  # a failed export leaves the old file, not half a new one
-            os.replace(partial, path)
+            partial = temporary_path(path)
+            try:  # a failed export leaves the old file, not half a new one
+                torch.jit.save(traced, str(partial))
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
         except Exception as error:
             raise RuntimeError(f"model {name} could not be exported to TorchScript ({path}): {error}") from error
     return path
@@ -174,7 +179,7 @@ def example_inputs(model: VideoClassifier, batch: int = 2, frames: int = 3) -> t
 
 def _check_exportable(model: nn.Module, format: str) -> str:
     """The model's name for messages, or a ValueError/TypeError that says why it cannot be exported."""
-    name = getattr(model, "config", {}).get("name", type(model).__name__)
+    name = model_name(model)
     if not isinstance(model, VideoClassifier):
         raise TypeError(f"{format} export takes a yt8m VideoClassifier (yt8m.models.build), got {type(model).__name__}")
     if is_cascade(model):

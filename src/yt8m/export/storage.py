@@ -28,7 +28,7 @@ import numbers
 
 import torch
 
-__all__ = ["DEFAULT_MIN_ELEMENTS", "STORAGES", "dequantize", "pack_state", "quantize", "stored_bytes",
+__all__ = ["DEFAULT_MIN_ELEMENTS", "STORAGES", "dequantize", "pack_state", "packed_bytes", "quantize", "stored_bytes",
            "unpack_state"]
 
 STORAGES = ("fp32", "bf16", "int8-partial")
@@ -110,6 +110,12 @@ def stored_bytes(tensor: torch.Tensor, storage: str, min_elements: int = DEFAULT
     if _is_quantized(tensor, storage, min_elements):
         return tensor.numel() + _RANGE_BYTES
     return tensor.numel() * _stored_dtype(tensor, storage).itemsize
+
+
+def packed_bytes(packed: dict) -> int:
+    """The bytes a packed state holds: what `stored_bytes` counts for each of its tensors."""
+    return sum(entry["codes"].numel() + _RANGE_BYTES if isinstance(entry, dict) else
+               entry.numel() * entry.element_size() for entry in packed["tensors"].values())
 
 
 def pack_state(state: dict[str, torch.Tensor], storage: str, min_elements: int = DEFAULT_MIN_ELEMENTS) -> dict:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yt8m.models.cascade import CascadeHead
+from yt8m.models.registry import model_name
 from yt8m.models.layers import l2_normalize
 
 
@@ -47,8 +48,7 @@ class VideoClassifier(nn.Module):
         if cascade is None:
             return self.head(features)
         if not isinstance(self.head, CascadeHead):
-            raise ValueError(f"model {getattr(self, 'config', {}).get('name', type(self).__name__)} is not a cascade: "
-                             "it takes no upstream predictions")
+            raise ValueError(f"model {model_name(self)} is not a cascade: it takes no upstream predictions")
         return self.head(features, cascade)
 
     def forward(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yt8m.models.layers import LogisticClassifier, MixtureOfExperts, l2_normalize
+from yt8m.models.registry import model_name
 
 
 class CascadeHead(nn.Module):
@@ -42,7 +43,7 @@ class CascadeHead(nn.Module):
 
 def add_cascade(model: nn.Module, dim: int) -> None:
     """Replaces `model.head` (MoE or logistic) by a `CascadeHead` of the same kind with a `dim`-d projection."""
-    name = getattr(model, "config", {}).get("name", type(model).__name__)
+    name = model_name(model)
     head = getattr(model, "head", None)
     if dim < 1:
         raise ValueError(f"cascade_dim must be >= 1, got {dim}")

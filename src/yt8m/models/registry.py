@@ -156,6 +156,11 @@ def resolve(name: str, from_preset: bool = True) -> tuple[ModelEntry, dict, Pres
     return _REGISTRY[preset.model], preset.options, preset
 
 
+def model_name(model: nn.Module) -> str:
+    """A model's registered name (its config's), else its class's, for messages."""
+    return getattr(model, "config", {}).get("name", type(model).__name__)
+
+
 def entry(name: str) -> ModelEntry:
     """The registry entry of a model or preset name."""
     return resolve(name)[0]

@@ -25,12 +25,11 @@ from tqdm import tqdm
 from yt8m.data import make_loader, prepare_batch
 from yt8m.data.records import SEGMENT_LENGTH
 from yt8m.segments.classes import class_positions
-from yt8m.segments.retrieval import ClassTopK, segment_key
-from yt8m.segments.training import SEGMENT_FRAMES
+from yt8m.segments.retrieval import DEFAULT_TOP_K, ClassTopK, segment_key
+from yt8m.segments.training import SEGMENT_FRAMES, read_run
 
 DEFAULT_ALPHA = 0.05
 DEFAULT_CANDIDATES = 20
-DEFAULT_TOP_K = 100_000  # the metric's K
 
 
 @dataclass
@@ -44,6 +43,7 @@ class SegmentRanking:
     num_segments: int = 0
     seconds: float = 0.0
     candidate_recall: dict = field(default_factory=dict)  # rated data: positives covered by the candidates
+    ratings: list = field(default_factory=list)  # rated data: (video id, start, class, rating), as `rated_pairs`
 
     def submission(self) -> dict[int, list[tuple[str, int]]]:
         """{original class id: [(video id, start frame), ...] best first}, as `metrics.segment_map` takes it."""
@@ -80,7 +80,8 @@ def score_segments(segment_model: nn.Module, video_model: nn.Module, data, white
                    max_frames: int = SEGMENT_FRAMES, on_error: str = "raise", rated: bool = False,
                    progress: bool = True, on_batch=None) -> SegmentRanking:
     """One pass of the pipeline over the frame records `data` (segment records with `rated`, which also counts
-    the candidates' recall of the positive ratings: `{"positives", "covered", "recall"}`). `on_batch(ids,
+    the candidates' recall of the positive ratings, `{"positives", "covered", "recall"}`, and the ratings read in
+    the same pass, as `metrics.segment_map` takes them). `on_batch(ids,
     classes, scores)` receives each batch's segments ("video:start"), their candidates' original class ids
     [S, N] and combined scores [S, N] (a prediction store written in the same pass)."""
     if not 0 <= alpha <= 1:
@@ -99,6 +100,7 @@ def score_segments(segment_model: nn.Module, video_model: nn.Module, data, white
                          num_classes=video_classes, on_error=on_error, rank=0, world_size=1, sampling="all")
     heaps = ClassTopK(num_whitelisted, top_k)
     video_ids: list[str] = []
+    ratings: list[tuple[str, int, int, float]] = []
     positives = covered = num_segments = 0
     segment_model.eval(), video_model.eval()
     start = time.perf_counter()
@@ -128,9 +130,12 @@ def score_segments(segment_model: nn.Module, video_model: nn.Module, data, white
             num_segments += len(which)
             if rated:
                 chosen = top.indices.cpu().numpy()
-                for v in range(len(batch["id"])):
-                    labels = batch["segment_labels"][v].numpy()[batch["segment_scores"][v].numpy() > 0]
-                    wanted = positions[labels]
+                for v, video_id in enumerate(batch["id"]):
+                    starts, labels = batch["segment_start_times"][v].tolist(), batch["segment_labels"][v].numpy()
+                    scores = batch["segment_scores"][v].numpy()
+                    ratings.extend((video_id, start, label, score)
+                                   for start, label, score in zip(starts, labels.tolist(), scores.tolist()))
+                    wanted = positions[labels[scores > 0]]
                     positives += len(wanted)
                     covered += int(np.isin(wanted, chosen[v]).sum())
             bar.update(len(batch["id"]))
@@ -139,6 +144,7 @@ def score_segments(segment_model: nn.Module, video_model: nn.Module, data, white
     if rated:
         ranking.candidate_recall = {"positives": positives, "covered": covered,
                                     "recall": covered / positives if positives else float("nan")}
+        ranking.ratings = ratings
     return ranking
 
 
@@ -149,33 +155,24 @@ __all__ = ["DEFAULT_ALPHA", "DEFAULT_CANDIDATES", "DEFAULT_TOP_K", "SegmentRanki
 def load_segment_run(path, device: torch.device, weights: str | None = None) -> tuple[nn.Module, np.ndarray]:
     """(segment model on `device` in eval mode, the original ids of its classes) of a run trained with
     `task: segments` (or one of its checkpoint or model files)."""
-    from yt8m.train.checkpoint import chosen_weights, load_checkpoint, model_file, model_from_state
+    from yt8m.train.checkpoint import model_from_state
 
-    source = model_file(path)
-    state = load_checkpoint(source)
+    source, state = read_run(path, weights, "RUN", "give a segment run")
     if "segment_classes" not in state:
         raise ValueError(f"{source} is not a segment model (it holds no segment_classes): fine-tune one with `yt8m "
                          "train MODEL --task segments --init-from VIDEO_RUN --train-data SEGMENT_RECORDS`")
-    _, chosen = chosen_weights(state, weights, source)
-    return model_from_state(chosen, source).to(device), np.asarray(state["segment_classes"], np.int64)
+    return model_from_state(state, source).to(device), np.asarray(state["segment_classes"], np.int64)
 
 
 def load_video_run(path, device: torch.device, weights: str | None = None) -> nn.Module:
     """The video-level model of a run (its candidates and P_vid), on `device` in eval mode."""
-    from yt8m.train.checkpoint import chosen_weights, load_checkpoint, model_file, model_from_state
+    from yt8m.train.checkpoint import model_from_state
 
-    from yt8m.ensemble.predictor import source_kind
-
-    kind = source_kind(path)
-    if kind != "run":
-        what = "an ensemble" if kind == "ensemble" else f"a {'prediction store' if kind == 'store' else kind}"
-        raise ValueError(f"--video-run: {path} is {what}, not a run: give one video-level run")
-    source = model_file(path)
-    state = load_checkpoint(source)
+    source, state = read_run(path, weights, "--video-run", "give one video-level run")
     if "segment_classes" in state:
         raise ValueError(f"--video-run: {source} is a segment model; give the video-level run it was fine-tuned "
                          "from")
-    model = model_from_state(chosen_weights(state, weights, source)[1], source)
+    model = model_from_state(state, source)
     if model.level != "frame":
         raise ValueError(f"--video-run: {source} is a video-level-feature model; the segments need a frame-level "
                          "one (it reads the same frame records)")

@@ -16,7 +16,7 @@ import numpy as np
 
 from yt8m.data.records import SEGMENT_LENGTH
 from yt8m.ensemble.store import MissingVideosError, ScoreStore
-from yt8m.segments.retrieval import ClassTopK, segment_key, write_segment_submission
+from yt8m.segments.retrieval import DEFAULT_TOP_K, ClassTopK, segment_key, write_segment_submission
 from yt8m.train.inference import check_output
 
 SEGMENT_SOURCE = "segments"  # the `source.kind` of a segment store
@@ -33,7 +33,7 @@ def segment_store(path: str | os.PathLike) -> tuple[ScoreStore, np.ndarray]:
 
 
 def merge_segment_stores(paths: Sequence[str | os.PathLike], output: str | os.PathLike,
-                         weights: Sequence[float] | None = None, top_k: int = 100_000,
+                         weights: Sequence[float] | None = None, top_k: int = DEFAULT_TOP_K,
                          overwrite: bool = False) -> int:
     """Writes the `Class,Segments` submission of the weighted mean of the segment stores `paths` (equal weights
     by default, normalised to sum 1); returns the segments written."""

@@ -18,6 +18,7 @@ from yt8m.data.records import SEGMENT_LENGTH
 from yt8m.train.checkpoint import temporary_path
 from yt8m.train.inference import _publish, check_output
 
+DEFAULT_TOP_K = 100_000  # segments per class: the metric's K (MAP@100,000)
 SEGMENTS_PER_KEY = 64
 MIN_BUFFER = 1 << 20
 HEADER = ["Class", "Segments"]

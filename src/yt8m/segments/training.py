@@ -3,6 +3,8 @@ its batches and its validation (segment MAP@K on rated segments)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from torch import nn
 from yt8m.data import expand_paths, make_loader, prepare_batch
 from yt8m.metrics.segments import segment_map
 from yt8m.segments.data import SegmentLoader
+from yt8m.segments.retrieval import DEFAULT_TOP_K
 
 VIDEOS_PER_READ = 64  # videos decoded at a time; the segments are then cut into batches of their own size
 SEGMENT_FRAMES = 300  # the frames read for segments, whatever the run's max_frames: the starter code's limit
@@ -35,21 +38,27 @@ def segment_loader(files, positions: np.ndarray, batch_size: int, num_classes: i
     return SegmentLoader(videos, positions, batch_size, shuffle=shuffle, seed=seed)
 
 
+def read_run(path, weights: str | None, what: str, advice: str) -> tuple[Path, dict]:
+    """(the file the run `path` is read from, its state with the weights `weights` picks: `chosen_weights`); a
+    ValueError for anything but a run, naming `what` (the option) and giving `advice`."""
+    from yt8m.ensemble.predictor import source_kind
+    from yt8m.train.checkpoint import chosen_weights, load_checkpoint, model_file
+
+    kind = source_kind(path)
+    if kind != "run":
+        found = "an ensemble" if kind == "ensemble" else f"a {'prediction store' if kind == 'store' else kind}"
+        raise ValueError(f"{what}: {path} is {found}, not a run: {advice}")
+    source = model_file(path)
+    return source, chosen_weights(load_checkpoint(source), weights, source)[1]
+
+
 def init_from(model: nn.Module, source, whitelist: np.ndarray | None) -> str:
     """Loads the weights of the run or model file `source` (the weights eval uses) into `model`, its head sliced
     to `whitelist` (None: the same classes); returns the file read."""
     from yt8m.segments.classes import remap_head
-    from yt8m.train.checkpoint import chosen_weights, load_checkpoint, model_file
 
-    from yt8m.ensemble.predictor import source_kind
-
-    kind = source_kind(source)
-    if kind != "run":
-        what = "an ensemble" if kind == "ensemble" else f"a {'prediction store' if kind == 'store' else kind}"
-        raise ValueError(f"init_from: {source} is {what}, not a run: start from one video run (a member's run, "
-                         "or `yt8m extract` of a mixture)")
-    path = model_file(source)
-    _, state = chosen_weights(load_checkpoint(path), None, path)
+    path, state = read_run(source, None, "init_from",
+                           "start from one video run (a member's run, or `yt8m extract` of a mixture)")
     if "segment_classes" in state:
         raise ValueError(f"init_from: {path} is a segment model; start from the video-level run it was fine-tuned "
                          "from")
@@ -84,7 +93,7 @@ def segment_scores(model: nn.Module, loader: SegmentLoader, device: torch.device
 
 def rated_segment_map(model: nn.Module, files, whitelist: np.ndarray, positions: np.ndarray, device: torch.device,
                       batch_size: int = 512, num_classes: int = 3862, precision: str = "fp32",
-                      on_error: str = "raise", top_k: int = 100_000) -> dict:
+                      on_error: str = "raise", top_k: int = DEFAULT_TOP_K) -> dict:
     """Segment MAP@K of the segment model alone on rated segments: each class's rated segments ranked by the
     model's probability of that class (unrated segments are dropped by the metric anyway). Every record, also
     inside a distributed run (where rank 0 validates alone)."""
@@ -93,12 +102,15 @@ def rated_segment_map(model: nn.Module, files, whitelist: np.ndarray, positions:
     ratings, scored = [], {int(c): [] for c in whitelist}
     videos = set()
     for ids, probabilities, mask, labels in segment_scores(model, loader, device, precision):
-        for row, segment in enumerate(ids):
-            video, start = segment.rsplit(":", 1)
-            videos.add(video)
-            for position in mask[row].nonzero().flatten().tolist():
-                ratings.append((video, int(start), int(whitelist[position]), float(labels[row, position])))
-                scored[int(whitelist[position])].append((float(probabilities[row, position]), video, int(start)))
+        segments = [(video, int(start)) for video, start in (segment.rsplit(":", 1) for segment in ids)]
+        videos.update(video for video, _ in segments)
+        rows, positions_rated = mask.nonzero(as_tuple=True)  # the rated (segment, class) pairs of the batch
+        classes = whitelist[positions_rated.numpy()].tolist()
+        for row, label, rating, score in zip(rows.tolist(), classes, labels[rows, positions_rated].tolist(),
+                                             probabilities[rows, positions_rated].tolist()):
+            video, start = segments[row]
+            ratings.append((video, start, label, rating))
+            scored[label].append((score, video, start))
     submission = {label: [(video, start) for _, video, start in sorted(entries, key=lambda e: (-e[0], e[1], e[2]))]
                   for label, entries in scored.items()}
     return {"map": segment_map(submission, ratings, top_k), "num_segments": len({(v, s) for v, s, _, _ in ratings}),

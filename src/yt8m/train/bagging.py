@@ -38,12 +38,12 @@ def bag_dirs(output: str | Path, bags: int) -> list[Path]:
 
 
 def train_bags(config, bags: int, holdout: list[str] | None = None, resume: bool = False,
-               progress: bool = True) -> Path:
+               progress: bool = True) -> dict | None:
     """Trains `bags` bags of `config` into OUTPUT/bag-1 ... OUTPUT/bag-K (bag i: `bag_seed` i and `seed`
     config.seed + i - 1, so that the bags differ in their sample and their initialisation, as independent
     runs do), then writes their mean ensemble OUTPUT/ensemble, scored on `holdout` (the validation data when
-    None). With `resume`, finished bags are kept and an interrupted one continues. Returns the ensemble's
-    directory (under torchrun: on rank 0; the other ranks return it unwritten)."""
+    None). With `resume`, finished bags are kept and an interrupted one continues. Returns what the ensemble's
+    ensemble.yaml records (`fit_ensemble`); under torchrun, on rank 0, the other ranks None."""
     from yt8m.ensemble import fit_ensemble
     from yt8m.train.loop import train
 
@@ -65,11 +65,10 @@ def train_bags(config, bags: int, holdout: list[str] | None = None, resume: bool
             tqdm.write(f"bag {number}/{bags} -> {run}", file=sys.stderr)
         bag = dataclasses.replace(config, output=str(run), bag_seed=number, seed=(config.seed + number - 1) % 2**32)
         rank = train(bag, resume=resume, progress=progress)["rank"]
-    ensemble = output / ENSEMBLE_DIR
-    if rank == 0:
-        fit_ensemble("mean", [str(run) for run in runs], holdout, ensemble, device=config.device,
-                     batch_size=config.eval_batch_size, overwrite=resume, progress=progress)
-    return ensemble
+    if rank != 0:
+        return None
+    return fit_ensemble("mean", [str(run) for run in runs], holdout, output / ENSEMBLE_DIR, device=config.device,
+                        batch_size=config.eval_batch_size, overwrite=resume, progress=progress)
 
 
 __all__ = ["bag_weights", "train_bags"]

@@ -86,9 +86,9 @@ class CascadeInputs:
     for a class outside a store's top k. `stand_in`: see `upstream_store` (True for the stores a cascade trained
     on, False for stores given for the data at hand)."""
 
-    def __init__(self, sources: str | Sequence[str], data, num_classes: int, device: str | torch.device = "auto",
+    def __init__(self, sources: Sequence[str], data, num_classes: int, device: str | torch.device = "auto",
                  batch_size: int = 256, progress: bool = False, stand_in: bool = True):
-        sources = [sources] if isinstance(sources, str) else list(sources)
+        sources = list(sources)
         if not sources:
             raise ValueError("cascade_from: expected at least one upstream model's store, run or ensemble")
         files = expand_paths(data)

@@ -245,11 +245,16 @@ def model_file(path: str | os.PathLike) -> Path:
     return sources[0]
 
 
+def check_weights(weights: str | None) -> None:
+    """Refuses a `weights` choice other than None (the EMA where there is one), "ema" or "raw"."""
+    if weights not in (None, "ema", "raw"):
+        raise ValueError(f"weights: expected ema or raw, found {weights!r}")
+
+
 def chosen_weights(state: dict, weights: str | None, source: Path) -> tuple[str, dict]:
     """("ema" or "raw", the model state of those weights) of a checkpoint or model `state`: `weights` None takes
     the EMA shadow weights where the file has them (as `eval` and `predict` do), "ema" requires them."""
-    if weights not in (None, "ema", "raw"):
-        raise ValueError(f"weights: expected ema or raw, found {weights!r}")
+    check_weights(weights)
     if weights == "ema" and not state.get("ema"):
         raise ValueError(f"{source} holds no EMA weights (the run trained without ema_halflife); use --weights raw")
     chosen = "ema" if state.get("ema") and weights != "raw" else "raw"

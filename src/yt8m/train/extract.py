@@ -23,6 +23,7 @@ from yt8m.models.nextvlad import DistilledMixture
 from yt8m.models.registry import available, option_names, resolve
 from yt8m.train.checkpoint import (
     atomic_save,
+    check_weights,
     chosen_weights,
     digest_path,
     load_checkpoint,
@@ -54,8 +55,7 @@ def extract_member(run: str | os.PathLike, member: str, output: str | os.PathLik
     if match is None:
         raise ValueError(f"{source}: member: expected I (member I of the mixture) or I.J (member J of sub-tree I "
                          f"of a mod_nextvlad), counted from 0; found {member!r}")
-    if weights not in (None, "ema", "raw"):  # before anything is read
-        raise ValueError(f"weights: expected ema or raw, found {weights!r}")
+    check_weights(weights)  # before anything is read
     output = Path(output) if output is not None else (run if run.is_dir() else run.parent) / f"member-{member}.pt"
     check_output(output, protect=[source, digest_path(source)], overwrite=overwrite)
 

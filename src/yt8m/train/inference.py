@@ -18,6 +18,7 @@ from tqdm import tqdm
 from yt8m.data import CorruptRecordError, expand_paths, make_loader, prepare_batch
 from yt8m.data.tfrecord import Publishing
 from yt8m.metrics import Evaluator
+from yt8m.models.registry import model_name
 from yt8m.train.checkpoint import temporary_path
 from yt8m.train.config import DEVICE_FORMS, DEVICE_PATTERN
 
@@ -72,7 +73,7 @@ def check_tta(model: nn.Module, tta: int) -> None:
         raise ValueError(f"tta: expected a positive number of frame samples, found {tta}")
     if tta == 1:
         return
-    name = getattr(model, "config", {}).get("name", type(model).__name__)
+    name = model_name(model)
     if not getattr(model, "train_sampling", None):
         raise ValueError(f"--tta {tta}: model {name} reads every frame, so every sample would be the same; "
                          "test-time averaging applies to models that sample frames (train_frames, or a preset that "
