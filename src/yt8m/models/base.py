@@ -29,6 +29,7 @@ class VideoClassifier(nn.Module):
     train_sampling: dict | None = None
     eval_sampling: dict | None = None
     default_lr: float = 0.01  # the starter code's base learning rate
+    aux_loss_weight: float = 0.0  # the share of the auxiliary predictions' loss (see `loss`)
     config: dict
 
     def __init__(self, num_classes: int, input_norm: bool = True):
@@ -57,16 +58,34 @@ class VideoClassifier(nn.Module):
         `models.cascade.CascadeHead`)."""
         return self.forward_head(self.forward_features(rgb, audio, num_frames), cascade)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, outputs: torch.Tensor | dict, labels: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
         """Binary cross-entropy summed over classes, averaged over the batch; with per-example `weights` [B]
         (bagging, boosting), each example's sum is weighted; with `weights` [B, C] (the segment task's mask of
-        rated classes), each (example, class) term is."""
+        rated classes), each (example, class) term is.
+
+        A training-mode dict adds its terms: "aux_logits", a list of earlier predictions (Chaining's stages,
+        each scale of a multi-scale model), makes the loss `(1 - s) BCE(logits) + s sum_k BCE(aux_k)` with
+        s = `self.aux_loss_weight`; "extra_loss", a scalar, is added as it is (an unsupervised term)."""
+        if isinstance(outputs, dict):
+            return self._combined_loss(outputs, labels, weights)
+        logits = outputs
         if weights is None:
             return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / labels.shape[0]
         terms = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")  # [B, C]
         weights = weights.to(terms.dtype)
         weighted = weights * terms.sum(1) if weights.dim() == 1 else (weights * terms).sum(1)  # [B]
         return weighted.sum() / labels.shape[0]
+
+    def _combined_loss(self, outputs: dict, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        loss = self.loss(outputs["logits"], labels, weights)
+        aux = outputs.get("aux_logits") or []
+        if aux:
+            share = self.aux_loss_weight
+            loss = (1 - share) * loss + share * sum(self.loss(logits, labels, weights) for logits in aux)
+        if outputs.get("extra_loss") is not None:
+            loss = loss + outputs["extra_loss"]
+        return loss
 
     def classifier_weights(self) -> list[torch.Tensor]:
         """The weights that the L2 penalty of the training loop applies to."""

@@ -4,6 +4,7 @@ conventions (PyTorch's or TensorFlow's)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -278,7 +279,7 @@ def apply_conventions(model: nn.Module, batch_norm: str = "pytorch", init: str =
     TensorFlow's defaults would: Glorot-uniform weights and zero biases (tf.layers.dense, slim's
     fully_connected); recurrent kernels Glorot-uniform over TensorFlow's single kernel per gate block,
     [input + hidden, gates * hidden], so `weight_ih` and `weight_hh` share one bound; LSTM biases 0 except the
-    forget gate's, which stays what the model set (`recurrent.init_forget_bias`, TF's `forget_bias`); GRU
+    forget gate's, which stays what the model set (`init_forget_bias`, TF's `forget_bias`); GRU
     biases those of TF's GRUCell (reset and update gates 1, candidate 0). Parameters of other modules
     (cluster centres, BatchNorm affine terms) are left as built. A model whose authors initialised every
     layer with slim's variance scaling (`model.tensorflow_init == "variance_scaling"`: the NeXtVLAD family)
@@ -364,3 +365,372 @@ def _tf_init_recurrent_(rnn: nn.LSTM | nn.GRU) -> None:
                     bias_ih[rows] = value
                 if not _explicit(bias_hh):
                     bias_hh[rows] = 0.0
+
+
+# ----------------------------------------------------------------------------- sequences over time
+# Blocks of the 2017 recurrent, convolutional and attention models ([monkeytyping2017], [uts2017]). Each takes
+# frames x [B, T, D] with the frame counts num_frames [B]; what it returns on padding frames is 0, and no real
+# frame's output depends on how many padding frames follow.
+
+
+def last_frame(x: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] at each video's last real frame (its first for an empty video) -> [B, D]."""
+    last = (num_frames.long().clamp(min=1, max=x.shape[1]) - 1).view(-1, 1, 1)  # [B, 1, 1]
+    return x.gather(1, last.expand(-1, 1, x.shape[-1])).squeeze(1)
+
+
+def reverse_frames(x: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+    """Each video's real frames in reverse order, its padding left after them: [B, T, D] -> [B, T, D]. Its own
+    inverse: a backward recurrence is a forward one over `reverse_frames(x)`, its outputs reversed back."""
+    steps = torch.arange(x.shape[1], device=x.device)[None, :]  # [1, T]
+    count = num_frames.long()[:, None]  # [B, 1]
+    index = torch.where(steps < count, count - 1 - steps, steps)  # [B, T]
+    return x.gather(1, index.unsqueeze(-1).expand_as(x))
+
+
+def packing_enabled() -> bool:
+    """Recurrences run over packed sequences, except while torch.compile or torch.export captures a graph
+    (packing has data-dependent shapes): there they run over the padded frames, with the same results."""
+    return not torch.compiler.is_compiling()
+
+
+def run_recurrent(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, num_frames: torch.Tensor,
+                  memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A PyTorch `nn.LSTM` / `nn.GRU` (batch_first, unidirectional) over each video's real frames.
+
+    Returns (outputs [B, T, H] of the top layer, 0 on padding frames; final [B, H], the top layer's state after
+    the last real frame: its output h, or with `memory` an LSTM's cell memory c). An empty video runs its first
+    frame. Eagerly the frames are packed (`pack_padded_sequence`), so the recurrence stops at each video's
+    length; inside a captured graph (`packing_enabled`) it runs over the padded frames, and an LSTM's memory
+    is recovered from its outputs (`lstm_memory`), which needs a single-layer module.
+    On the CPU the recurrence runs in float32 (oneDNN has no bfloat16 LSTM).
+    """
+    mask = frame_mask(num_frames, x.shape[1]).unsqueeze(-1)  # [B, T, 1]
+    autocast = torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else contextlib.nullcontext()
+    with autocast:
+        if x.device.type == "cpu":
+            x = x.float()
+        if packing_enabled():
+            lengths = num_frames.clamp(min=1, max=x.shape[1]).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, state = rnn(packed)
+            outputs, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+            h, c = state if isinstance(state, tuple) else (state, state)
+            final = c[-1] if memory else h[-1]
+        else:
+            outputs, _ = rnn(x)
+            if memory and isinstance(rnn, nn.LSTM):
+                final = lstm_memory(rnn, x, outputs, num_frames)
+            else:
+                final = last_frame(outputs, num_frames)
+    return outputs.masked_fill(~mask, 0.0), final
+
+
+def lstm_memory(rnn: nn.LSTM, x: torch.Tensor, outputs: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+    """A single-layer LSTM's cell memory after each video's last real frame, from its input x [B, T, D] and its
+    outputs h [B, T, H] over the padded frames: the gates of every step at once, then the linear recurrence
+    `c_t = f_t c_(t-1) + i_t g_t` summed in closed form, `c_L = sum_(s <= L) exp(S_L - S_s) i_s g_s` with
+    `S = cumsum(log f)`. Exact up to rounding (no exponent is positive)."""
+    if rnn.num_layers != 1:
+        raise ValueError("lstm_memory needs a single-layer nn.LSTM: a stack's lower outputs are not returned")
+    hidden = rnn.hidden_size
+    previous = F.pad(outputs, (0, 0, 1, 0))[:, :-1]  # h_(t-1), h_0 = 0
+    gates = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0) + F.linear(previous, rnn.weight_hh_l0, rnn.bias_hh_l0)
+    input_gate, forget_gate, cell = gates[..., :hidden], gates[..., hidden:2 * hidden], gates[..., 2 * hidden:3 * hidden]
+    decay = F.logsigmoid(forget_gate).cumsum(1)  # [B, T, H]
+    last = (num_frames.long().clamp(min=1, max=x.shape[1]) - 1).view(-1, 1, 1)
+    exponent = decay.gather(1, last.expand(-1, 1, hidden)) - decay  # [B, T, H]
+    after = torch.arange(x.shape[1], device=x.device).view(1, -1, 1) > last
+    exponent = exponent.masked_fill(after, float("-inf"))
+    return (exponent.exp() * torch.sigmoid(input_gate) * torch.tanh(cell)).sum(1)
+
+
+def subsample_frames(x: torch.Tensor, num_frames: torch.Tensor, k: int, mode: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every k adjacent frames into one: x [B, T, D] -> ([B, ceil(T / k), D], frame counts ceil(n / k)).
+    `mode` "max" or "mean" pools the real frames of each window; "select" keeps each window's last real frame
+    (the 2nd place's SELECT resolution, frame k j + k - 1). Padding windows come out 0."""
+    if k < 1:
+        raise ValueError(f"a subsampling factor must be >= 1, got {k}")
+    mask = frame_mask(num_frames, x.shape[1]).unsqueeze(-1)  # [B, T, 1]
+    frames = x.transpose(1, 2)  # [B, D, T]
+    real = mask.transpose(1, 2).to(x.dtype)  # [B, 1, T]
+    if mode == "max":
+        pooled = F.max_pool1d(frames.masked_fill(real == 0, float("-inf")), k, k, ceil_mode=True)
+    elif mode == "mean":
+        pooled = F.avg_pool1d(frames * real, k, k, ceil_mode=True) / \
+            F.avg_pool1d(real, k, k, ceil_mode=True).clamp(min=1e-12)
+    elif mode == "select":
+        ends = torch.arange(k - 1, x.shape[1] + k - 1, k, device=x.device)  # [T']: each window's last frame
+        kept_frame = torch.minimum(ends[None, :], num_frames.long()[:, None] - 1).clamp(min=0)  # [B, T']
+        pooled = x.gather(1, kept_frame.unsqueeze(-1).expand(-1, -1, x.shape[-1])).transpose(1, 2)
+    else:
+        raise ValueError(f"subsampling mode must be 'max', 'mean' or 'select', got {mode!r}")
+    counts = torch.div(num_frames + k - 1, k, rounding_mode="floor")
+    kept = frame_mask(counts, pooled.shape[-1]).unsqueeze(1)  # [B, 1, T']
+    return pooled.masked_fill(~kept, 0.0).transpose(1, 2), counts
+
+
+def split_clips(x: torch.Tensor, num_frames: torch.Tensor, clip_frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Consecutive clips of `clip_frames` frames: x [B, T, D] -> (clips [B * N, clip_frames, D] with N =
+    ceil(T / clip_frames), each clip's real frame count [B * N], each video's clip count ceil(n / clip_frames) [B]).
+    Frames past the video's end are 0."""
+    x = x.masked_fill(~frame_mask(num_frames, x.shape[1]).unsqueeze(-1), 0.0)
+    padded = F.pad(x, (0, 0, 0, clip_frames - 1))  # [B, T + L - 1, D]: unfold keeps whole windows only
+    clips = padded.unfold(1, clip_frames, clip_frames).transpose(2, 3)  # [B, N, L, D]
+    starts = torch.arange(clips.shape[1], device=x.device) * clip_frames  # [N]
+    lengths = (num_frames.long()[:, None] - starts[None, :]).clamp(min=0, max=clip_frames)  # [B, N]
+    counts = torch.div(num_frames.long() + clip_frames - 1, clip_frames, rounding_mode="floor")
+    return clips.reshape(-1, clip_frames, x.shape[-1]), lengths.reshape(-1), counts
+
+
+class TemporalConv(nn.Module):
+    """The 2017 2nd place's text-CNN over time ([monkeytyping2017] §3, after Kim's sentence CNN): for each width w,
+    filters spanning the whole feature vector and w consecutive frames; the outputs of all widths concatenated
+    on channels. x [B, T, D] -> [B, T, sum(channels)], 0 on padding frames.
+
+    As the authors' `cnn()` ([monkeytyping-code]): each frame's window is itself and the w - 1 frames BEFORE it
+    (zeros before the first frame), so the output keeps T frames and no real frame sees padding; no bias;
+    `activation` (none in their chaining CNNs) and `batch_norm` (their multi-scale CNN-LSTM: BN then ReLU)
+    optional, the BatchNorm over real frames only."""
+
+    def __init__(self, in_dim: int, widths: tuple[int, ...] = (1, 2, 3), channels: tuple[int, ...] = (256, 256, 512),
+                 activation: str | None = None, batch_norm: bool = False):
+        super().__init__()
+        if len(widths) != len(channels) or not widths:
+            raise ValueError(f"one channel count per filter width: widths {list(widths)}, channels {list(channels)}")
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        self.widths = tuple(widths)
+        self.convs = nn.ModuleList(nn.Conv1d(in_dim, c, w, bias=False) for w, c in zip(widths, channels))
+        self.out_dim = sum(channels)
+        self.norm = nn.BatchNorm1d(self.out_dim) if batch_norm else None
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+        mask = frame_mask(num_frames, x.shape[1]).unsqueeze(-1)  # [B, T, 1]
+        frames = x.masked_fill(~mask, 0.0).transpose(1, 2)  # [B, D, T]
+        out = torch.cat([conv(F.pad(frames, (w - 1, 0))) for w, conv in zip(self.widths, self.convs)], 1)
+        out = out.transpose(1, 2)  # [B, T, C]
+        if self.norm is not None:
+            out = masked_batch_norm(self.norm, out, mask.squeeze(-1))
+        if self.activation == "relu":
+            out = torch.relu(out)
+        return out.masked_fill(~mask, 0.0)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the real frames: scores [B, T, K], mask [B, T] -> weights [B, T, K] summing to 1 over each
+    video's real frames (all 0 for an empty video)."""
+    scores = scores.float().masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    weights = torch.softmax(scores, dim=1)
+    return torch.nan_to_num(weights, nan=0.0)  # an empty video: softmax over nothing
+
+
+def attention_pool(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """values [B, T, D] pooled by K groups of weights [B, T, K] -> [B, K, D]."""
+    return torch.einsum("btk,btd->bkd", weights.to(values.dtype), values)
+
+
+class Chaining(nn.Module):
+    """The 2017 2nd place's Chaining ([monkeytyping2017] §3, Fig. 2): stages of MoE; each stage's probabilities
+    are projected to `projection_dim` (linear with bias, ReLU, L2-normalised) and concatenated to the input of
+    the later stages. `features` [S stage inputs [B, D_s]] -> [S stage logits [B, C]], the last the model's.
+
+    `previous`: "all" (their DeepCombineChain models: a stage sees every earlier stage's projection) or "last"
+    (their LstmMemoryDeepChain: the latest only). The auxiliary loss on the earlier stages is the model's
+    (`VideoClassifier.loss`, `aux_logits`).
+    """
+
+    def __init__(self, feature_dims: list[int], num_classes: int, num_mixtures: int = 4, projection_dim: int = 256,
+                 previous: str = "all"):
+        super().__init__()
+        if previous not in ("all", "last"):
+            raise ValueError(f"previous must be 'all' or 'last', got {previous!r}")
+        if not feature_dims:
+            raise ValueError("Chaining needs at least one stage")
+        self.previous = previous
+        seen = [0] + [projection_dim * (stage if previous == "all" else 1) for stage in range(1, len(feature_dims))]
+        self.stages = nn.ModuleList(MixtureOfExperts(dim + extra, num_classes, num_mixtures)
+                                    for dim, extra in zip(feature_dims, seen))
+        self.projections = nn.ModuleList(nn.Linear(num_classes, projection_dim) for _ in feature_dims[:-1])
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(features) != len(self.stages):
+            raise ValueError(f"Chaining of {len(self.stages)} stages given {len(features)} inputs")
+        logits, projected = [], []
+        for stage, x in enumerate(features):
+            earlier = projected if self.previous == "all" else projected[-1:]
+            logits.append(self.stages[stage](torch.cat([x, *earlier], dim=-1)))
+            if stage < len(self.projections):
+                probabilities = torch.sigmoid(logits[-1])
+                projected.append(l2_normalize(torch.relu(self.projections[stage](probabilities.to(x.dtype)))))
+        return logits
+
+    def classifier_weights(self) -> list[torch.Tensor]:
+        """Every stage's MoE weights and the projections' (the authors' L2 covers them alike)."""
+        return [w for stage in self.stages for w in stage.classifier_weights()] + \
+            [projection.weight for projection in self.projections]
+
+
+def mixture_logits(logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """The logits of a weighted mean of probabilities, `p = sum_s w_s sigmoid(z_s)`, in log space:
+    logits [B, S, C] and log weights (broadcast to them, summing to 1 over S) -> [B, C]."""
+    log_p = torch.logsumexp(log_weights + F.logsigmoid(logits), dim=1)
+    log_not_p = torch.logsumexp(log_weights + F.logsigmoid(-logits), dim=1)
+    return log_p - log_not_p
+
+
+class GatedCell(nn.Module):
+    """The 2017 2nd place's hand-written LSTM cells ([monkeytyping2017] §2, Eq. 2), as their code writes them
+    ([monkeytyping-code] LstmGateModel, LstmGlu2Model), over each video's real frames.
+
+    LSTM-S (`accumulator=False`): the input gate i and forget gate f are SCALARS per step, shared by all cells;
+    the output gate o and the candidate m are per cell:
+        [o, m, i, f] = W x_t + U h_(t-1) + b,  c_t = s(f) c_(t-1) + s(i) tanh(m),  h_t = s(o) tanh(c_t).
+    LSTM-A (`accumulator=True`) adds an input accumulator of the input's size, fed back into every gate:
+        [o, m, i, f, i', f'] = W x_t + U h_(t-1) + V d_(t-1) + b,  a_t = s(f') a_(t-1) + s(i') x_t,  d_t = a_t / |a_t|,
+    with i, f, i', f' scalars as in their code (the paper's T_(N+2M, 6N) reads as six N-wide gates: their code,
+    which produced the reported GAP, has scalar i, f, i', f').
+    Biases start at 0.1, the forget gates' at `forget_bias` (1.0), as theirs.
+
+    x [B, T, M], num_frames [B] -> (outputs h [B, T, N], 0 on padding; final h [B, N]; final c [B, N]) after each
+    video's last real frame (its first for an empty video). The recurrence is a loop over the frames
+    (`scan_gated_cell`: see benchmarks/bench_cells.py for the choice of its implementation).
+    """
+
+    def __init__(self, in_dim: int, hidden_size: int, accumulator: bool = False, forget_bias: float = 1.0):
+        super().__init__()
+        self.hidden_size, self.accumulator = hidden_size, accumulator
+        gates = 2 * hidden_size + (4 if accumulator else 2)
+        self.input_proj = nn.Linear(in_dim, gates)
+        self.recurrent = nn.Linear(hidden_size + (in_dim if accumulator else 0), gates, bias=False)
+        with torch.no_grad():
+            bias = self.input_proj.bias.fill_(0.1)
+            bias[2 * hidden_size + 1] = forget_bias
+            if accumulator:
+                bias[2 * hidden_size + 3] = forget_bias
+        mark_explicit_init(self.input_proj.bias)
+
+    def forward(self, x: torch.Tensor, num_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.device.type == "cpu":
+            x = x.float()
+        mask = frame_mask(num_frames.clamp(min=1), x.shape[1])  # an empty video runs its first frame
+        pre = self.input_proj(x)  # [B, T, G]: the input's part of every gate, for all frames at once
+        weight = self.recurrent.weight.to(pre.dtype)
+        outputs, h, c = scan_gated_cell(pre, weight, x if self.accumulator else None, mask, self.hidden_size)
+        return outputs.masked_fill(~frame_mask(num_frames, x.shape[1]).unsqueeze(-1), 0.0), h, c
+
+
+def scan_gated_cell(pre: torch.Tensor, weight: torch.Tensor, x: torch.Tensor | None, mask: torch.Tensor,
+                    hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`GatedCell`'s recurrence: pre [B, T, G] the input's part of the gates, weight [G, N (+ M)] the recurrent
+    one, x [B, T, M] the input (LSTM-A) or None, mask [B, T] the frames to run. A frame outside the mask leaves
+    the state as it was. Returns (h [B, T, N], final h [B, N], final c [B, N])."""
+    batch, frames = pre.shape[:2]
+    h = pre.new_zeros(batch, hidden)
+    c = pre.new_zeros(batch, hidden)
+    accumulated = x.new_zeros(batch, x.shape[-1]) if x is not None else None
+    direction = x.new_zeros(batch, x.shape[-1]) if x is not None else None
+    outputs = []
+    for t in range(frames):
+        state = h if x is None else torch.cat([h, direction], -1)
+        gates = torch.addmm(pre[:, t], state, weight.t())  # [B, G]
+        keep = mask[:, t, None]  # [B, 1]
+        scalars = torch.sigmoid(gates[:, 2 * hidden:])  # [B, 2 or 4]: i, f (, i', f')
+        c_new = scalars[:, 1:2] * c + scalars[:, 0:1] * torch.tanh(gates[:, hidden:2 * hidden])
+        h_new = torch.sigmoid(gates[:, :hidden]) * torch.tanh(c_new)
+        c, h = torch.where(keep, c_new, c), torch.where(keep, h_new, h)
+        if x is not None:
+            accumulated = torch.where(keep, scalars[:, 3:4] * accumulated + scalars[:, 2:3] * x[:, t], accumulated)
+            direction = l2_normalize(accumulated)
+        outputs.append(h_new)
+    return torch.stack(outputs, 1), h, c
+
+
+def init_forget_bias(lstm: nn.LSTM, value: float) -> None:
+    """Forget-gate bias `value` in every layer, as TensorFlow's BasicLSTMCell (forget_bias=1.0) of the
+    starter code: with PyTorch's default (about 0) the cells forget within a few of the 300 frames and
+    the final state learns an order of magnitude slower."""
+    hidden = lstm.hidden_size
+    with torch.no_grad():
+        for name, bias in lstm.named_parameters():
+            if name.startswith("bias_"):  # gates in the order input, forget, cell, output
+                bias[hidden:2 * hidden] = value if name.startswith("bias_ih") else 0.0
+
+
+CELLS = ("lstm", "gru", "lstm_s", "lstm_a")
+
+
+class RecurrentStack(nn.Module):
+    """A stack of recurrent layers over each video's real frames, one module per layer: `cell` "lstm" or "gru"
+    (PyTorch's fused modules over packed sequences, `run_recurrent`), "lstm_s" or "lstm_a" (`GatedCell`).
+
+    `first_layer`: "forward"; "backward" (it reads each video's frames last to first, its outputs put back in
+    time order); "bidirectional" (both, outputs concatenated [B, T, 2H]). `input_to_every_layer`: each layer
+    above the first reads [x; the layer below's outputs] (the 2nd place's two-layer LSTM-A).
+
+    forward(x [B, T, D], num_frames [B], final="memory" | "output", layers="top" | "all") -> (outputs of the top
+    layer [B, T, out_dim], 0 on padding; final states [B, final_dim(layers)]): each layer's state after the last
+    real frame, its cell memory c ("memory", as the 2nd place's LstmMemory models; a GRU's is its output) or its
+    output h, of the top layer or of every layer concatenated bottom to top (a bidirectional layer gives both
+    directions' states, the backward one after frame 0).
+    """
+
+    def __init__(self, in_dim: int, hidden_size: int, num_layers: int = 1, cell: str = "lstm",
+                 first_layer: str = "forward", input_to_every_layer: bool = False, forget_bias: float = 1.0):
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {list(CELLS)}, got {cell!r}")
+        if first_layer not in ("forward", "backward", "bidirectional"):
+            raise ValueError(f"first_layer must be 'forward', 'backward' or 'bidirectional', got {first_layer!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.cell, self.first_layer, self.input_to_every_layer = cell, first_layer, input_to_every_layer
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        first_out = hidden_size * (2 if first_layer == "bidirectional" else 1)
+        in_dims = [in_dim] + [first_out + (in_dim if input_to_every_layer else 0)] + \
+            [hidden_size + (in_dim if input_to_every_layer else 0)] * (num_layers - 2)
+        self.layers = nn.ModuleList(self._layer(dim, forget_bias) for dim in in_dims[:num_layers])
+        self.backward_layer = self._layer(in_dim, forget_bias) if first_layer == "bidirectional" else None
+        self.out_dim = first_out if num_layers == 1 else hidden_size
+
+    def _layer(self, in_dim: int, forget_bias: float) -> nn.Module:
+        if self.cell in ("lstm_s", "lstm_a"):
+            return GatedCell(in_dim, self.hidden_size, self.cell == "lstm_a", forget_bias)
+        module = (nn.LSTM if self.cell == "lstm" else nn.GRU)(in_dim, self.hidden_size, batch_first=True)
+        if self.cell == "lstm":
+            init_forget_bias(module, forget_bias)
+        return module
+
+    def final_dim(self, layers: str = "top") -> int:
+        per_layer = [self.hidden_size * (2 if i == 0 and self.backward_layer is not None else 1)
+                     for i in range(self.num_layers)]
+        return per_layer[-1] if layers == "top" else sum(per_layer)
+
+    def _run(self, layer: nn.Module, x: torch.Tensor, num_frames: torch.Tensor, final: str):
+        if isinstance(layer, GatedCell):
+            outputs, h, c = layer(x, num_frames)
+            return outputs, c if final == "memory" else h
+        return run_recurrent(layer, x, num_frames, memory=final == "memory")
+
+    def forward(self, x: torch.Tensor, num_frames: torch.Tensor, final: str = "memory",
+                layers: str = "top") -> tuple[torch.Tensor, torch.Tensor]:
+        if final not in ("memory", "output") or layers not in ("top", "all"):
+            raise ValueError(f"final must be 'memory' or 'output' and layers 'top' or 'all', got {final!r}, {layers!r}")
+        inputs, finals, below = x, [], x
+        for index, layer in enumerate(self.layers):
+            if index > 0 and self.input_to_every_layer:
+                below = torch.cat([inputs.to(below.dtype), below], -1)
+            if index == 0 and self.first_layer != "forward":
+                outputs, state = self._run(layer if self.first_layer == "backward" else self.backward_layer,
+                                           reverse_frames(below, num_frames), num_frames, final)
+                outputs = reverse_frames(outputs, num_frames)
+                if self.first_layer == "bidirectional":
+                    forward_outputs, forward_state = self._run(layer, below, num_frames, final)
+                    outputs = torch.cat([forward_outputs, outputs], -1)
+                    state = torch.cat([forward_state, state], -1)
+            else:
+                outputs, state = self._run(layer, below, num_frames, final)
+            finals.append(state)
+            below = outputs
+        return below, (finals[-1] if layers == "top" else torch.cat(finals, -1))

@@ -8,19 +8,8 @@ from torch import nn
 
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models.base import VideoClassifier
-from yt8m.models.layers import build_classifier
+from yt8m.models.layers import build_classifier, init_forget_bias
 from yt8m.models.registry import register
-
-
-def init_forget_bias(lstm: nn.LSTM, value: float) -> None:
-    """Forget-gate bias `value` in every layer, as TensorFlow's BasicLSTMCell (forget_bias=1.0) of the
-    starter code: with PyTorch's default (about 0) the cells forget within a few of the 300 frames and
-    the final state learns an order of magnitude slower."""
-    hidden = lstm.hidden_size
-    with torch.no_grad():
-        for name, bias in lstm.named_parameters():
-            if name.startswith("bias_"):  # gates in the order input, forget, cell, output
-                bias[hidden:2 * hidden] = value if name.startswith("bias_ih") else 0.0
 
 
 class RecurrentClassifier(VideoClassifier):
