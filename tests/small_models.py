@@ -12,7 +12,26 @@ SMALL = {"dbof": {"num_clusters": 64, "hidden_size": 32}, "lstm": {"hidden_size"
                           "hidden_size": 16},
          **{name: {"num_clusters": 8, "hidden_size": 32}
             for name in ("netvlad", "netrvlad", "netfv", "nonlocal_netvlad")},
-         **{name: {"num_clusters": 64, "hidden_size": 32} for name in ("soft_dbof", "gated_dbof")}}
+         **{name: {"num_clusters": 64, "hidden_size": 32} for name in ("soft_dbof", "gated_dbof")},
+         # the 2017 models ([monkeytyping2017], [uts2017])
+         "recurrent": {"hidden_size": 8, "num_mixtures": 2},
+         "hierarchical_rnn": {"hidden_size": 8, "clip_frames": 3, "dropout": 0.0},
+         "multirate_rnn": {"hidden_size": 8, "num_layers": 1, "dropout": 0.0},
+         "context_rnn": {"hidden_size": 8, "num_layers": 1, "clip_frames": 3},
+         "parallel_moe": {"num_mixtures": 3, "class_group": 5},
+         "attention_lstm": {"hidden_size": 16, "attention_groups": 3, "num_mixtures": 2},
+         "attention_vlad": {"num_clusters": 4, "attention_dim": 8},
+         "multihop_attention_gru": {"hidden_size": 8, "attention_dim": 8, "num_hops": 3},
+         "chaining_moe": {"num_stages": 2, "projection_dim": 8, "num_mixtures": 2},
+         "chaining_cnn": {"num_stages": 2, "channels": (4, 4, 8), "projection_dim": 8, "num_mixtures": 2},
+         "chaining_lstm_cnn": {"num_stages": 2, "channels": (4, 4, 8), "first_channels": (4, 8, 4),
+                               "recurrent_cells": (8, 4), "projection_dim": 8, "num_mixtures": 2},
+         "chaining_lstm": {"num_stages": 1, "hidden_size": 8, "projection_dim": 8, "num_mixtures": 2},
+         "multiresolution_lstm": {"num_stages": 2, "hidden_sizes": (8, 4), "projection_dim": 8, "num_mixtures": 2},
+         "text_cnn": {"channels": [16, 16, 32], "num_mixtures": 2},  # its L2-normalised max: wider to overfit
+         "cnn_lstm": {"channels": [4, 4, 8], "hidden_size": 8, "num_mixtures": 2},
+         "multiscale_cnn_lstm": {"num_scales": 3, "channels": [4, 4, 8], "hidden_size": 8, "num_mixtures": 2},
+         "resnet1d": {"stem_channels": 8, "widths": [8, 8, 16, 16], "blocks": [1, 2, 1, 1]}}
 NUM_FRAMES = torch.tensor([10, 3, 1, 7, 10])
 
 

@@ -7,6 +7,7 @@ from torch.export import Dim
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models import VideoClassifier, available, build, entry
 from yt8m.models.frame import DeepBagOfFrames
+from yt8m.models.layers import GatedCell
 from yt8m.models.netvlad import LearnablePoolingClassifier
 
 NUM_CLASSES = 12
@@ -100,11 +101,12 @@ def test_eval_output_of_a_video_does_not_depend_on_the_rest_of_the_batch(name):
 
 def export_shapes(model: VideoClassifier) -> tuple[dict, ...]:
     """Dynamic batch for every model, dynamic frames for the frame-level ones except recurrent models
-    (torch.export unrolls nn.LSTM and nn.GRU over time, so their frame count is fixed at export)."""
+    (torch.export unrolls nn.LSTM, nn.GRU and the LSTM-S / LSTM-A loops over time, so their frame count is fixed
+    at export)."""
     batch, frames = Dim("batch", min=1), Dim("frames", min=1)
     if model.level == "video":
         return {0: batch}, {0: batch}, {0: batch}
-    if any(isinstance(module, nn.RNNBase) for module in model.modules()):
+    if any(isinstance(module, (nn.RNNBase, GatedCell)) for module in model.modules()):
         return {0: batch}, {0: batch}, {0: batch}
     return {0: batch, 1: frames}, {0: batch, 1: frames}, {0: batch}
 

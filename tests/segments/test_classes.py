@@ -12,6 +12,8 @@ from yt8m.segments.classes import class_positions, find_whitelist, read_whitelis
 VIDEO_CLASSES = 12
 WHITELIST = np.array([1, 4, 5, 9, 11])
 PROBABILITY_GATED = [name for name in available() if entry(name).defaults.get("gated_moe")]  # WILLOW's gated MoE
+# models whose heads read every class's prediction (Chaining's projections): sliced, they mix in fewer classes
+MIXES_CLASSES = [name for name in available() if getattr(entry(name).builder, "mixes_classes", False)]
 
 
 def write_lines(path, *lines):
@@ -97,7 +99,7 @@ def remapped(name: str) -> tuple[nn.Module, nn.Module]:
     return video, segment
 
 
-@pytest.mark.parametrize("name", [name for name in available() if name not in PROBABILITY_GATED])
+@pytest.mark.parametrize("name", [name for name in available() if name not in PROBABILITY_GATED + MIXES_CLASSES])
 def test_the_remapped_segment_model_gives_the_video_logits_of_the_whitelisted_classes(name):
     video, segment = remapped(name)
     batch = inputs(video)
@@ -120,6 +122,15 @@ def test_probability_gating_is_sliced_to_the_whitelist_and_mixes_in_fewer_classe
                                    rtol=1e-6, atol=1e-6)
         # the gate of a whitelisted class no longer sees the other classes' probabilities
         assert not torch.allclose(segment(*batch), video(*batch)[:, WHITELIST], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", MIXES_CLASSES)
+def test_a_model_that_mixes_classes_is_sliced_to_the_whitelist_and_runs(name):
+    video, segment = remapped(name)
+    batch = inputs(video)
+    with torch.no_grad():
+        logits = segment(*batch)
+    assert logits.shape == (len(batch[0]), len(WHITELIST)) and torch.isfinite(logits).all()
 
 
 def test_probability_gating_models_are_registered():

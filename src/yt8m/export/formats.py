@@ -31,6 +31,7 @@ from torch.export import Dim
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models import VideoClassifier
 from yt8m.models.cascade import is_cascade
+from yt8m.models.layers import GatedCell
 from yt8m.models.registry import model_name
 from yt8m.train.checkpoint import temporary_path
 
@@ -154,8 +155,14 @@ def export_onnx(model: VideoClassifier, path: str | Path, opset: int = ONNX_OPSE
                 dynamic_shapes={"rgb": per_frame, "audio": per_frame, "num_frames": {0: batch}},
                 custom_translation_table={torch.ops.aten.scaled_dot_product_attention.default:
                                           _attention_translation(getattr(onnxscript, f"opset{opset}"))})
+            if model.level == "frame" and isinstance(program.model.graph.inputs[0].shape[1], int):
+                raise FixedFramesError(_fixed_frames_message(model, name))
             program.save(str(path))
+        except FixedFramesError:
+            raise
         except Exception as error:
+            if "(frames)" in str(error) and ("Constraints violated" in str(error) or "Specializations" in str(error)):
+                raise FixedFramesError(_fixed_frames_message(model, name)) from error
             raise RuntimeError(f"model {name} could not be exported to ONNX ({path}): {error}") from error
     return path
 
@@ -185,11 +192,37 @@ def _check_exportable(model: nn.Module, format: str) -> str:
     if is_cascade(model):
         raise ValueError(f"model {name} is a cascade: it needs the upstream models' predictions besides the frames, "
                          f"which the exported signature ({', '.join(INPUT_NAMES)}) has no input for")
+    fixed = frames_fixed_by(model, format)
+    if fixed:
+        raise FixedFramesError(f"model {name} cannot be exported to {format} for any frame count: {fixed}; "
+                         f"{'export it to TorchScript, or ' if format == 'ONNX' and not frames_fixed_by(model, 'TorchScript') else ''}"
+                         "use its run or an artifact (yt8m export --format artifact)")
     devices = {tensor.device for tensor in [*model.parameters(), *model.buffers()]}
     if len(devices) > 1:
         raise ValueError(f"model {name} has parameters on {len(devices)} devices ({', '.join(map(str, devices))}): "
                          f"{format} export needs them on one (model.cpu())")
     return name
+
+
+class FixedFramesError(ValueError):
+    """An exporter would fix a model's frame count at the example's: the file would be wrong at any other."""
+
+
+def frames_fixed_by(model: nn.Module, format: str) -> str | None:
+    """Why `format` ("ONNX" or "TorchScript") fixes `model`'s frame count before exporting, or None: a Python loop
+    over the frames (the LSTM-S and LSTM-A cells) is unrolled by both exporters. ONNX's front end, torch.export,
+    also unrolls some recurrences (over clips, subsampled frames, stacks of modules): `export_onnx` finds those in
+    the exported graph and refuses them (`FixedFramesError`)."""
+    if any(isinstance(module, GatedCell) for module in model.modules()):
+        return "its LSTM-S / LSTM-A cells loop over the frames in Python, which the exporter unrolls"
+    return None
+
+
+def _fixed_frames_message(model: VideoClassifier, name: str) -> str:
+    other = "export it to TorchScript, or " if not frames_fixed_by(model, "TorchScript") else ""
+    return (f"model {name} cannot be exported to ONNX for any frame count: torch.export fixes its frame count at "
+            "the example's (it unrolls recurrences over clips, subsampled frames or stacked modules); "
+            f"{other}use its run or an artifact (yt8m export --format artifact)")
 
 
 @contextlib.contextmanager

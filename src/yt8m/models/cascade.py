@@ -48,7 +48,7 @@ def add_cascade(model: nn.Module, dim: int) -> None:
     if dim < 1:
         raise ValueError(f"cascade_dim must be >= 1, got {dim}")
     if isinstance(head, MixtureOfExperts):
-        wider = MixtureOfExperts(head.gates.in_features + dim, head.num_classes, head.num_mixtures)
+        wider = MixtureOfExperts(head.gates.in_features + dim, head.num_classes, head.num_mixtures, head.class_group)
     elif isinstance(head, LogisticClassifier):
         wider = LogisticClassifier(head.linear.in_features + dim, head.linear.out_features, head.regularize_bias)
     else:

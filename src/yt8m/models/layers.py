@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -60,18 +61,45 @@ class ContextGating(nn.Module):
 class MixtureOfExperts(nn.Module):
     """The starter code's MoE ([yt8m-starter]): `p = sum_m gate_m * sigmoid(expert_m)`, gates a
     softmax over M experts plus a dummy expert that always predicts 0. Returns LOGITS
-    `log(p / (1 - p))`, computed in log space so that they stay finite where p saturates."""
+    `log(p / (1 - p))`, computed in log space so that they stay finite where p saturates.
 
-    def __init__(self, in_dim: int, num_classes: int, num_mixtures: int = 2):
+    Every class has its own gates and experts, so the classes can be computed in groups: with `class_group`,
+    `class_group` classes at a time, each group's activations recomputed in the backward pass (activation
+    checkpointing) instead of kept. That is the UTS team's Parallel MoE ([uts2017] §2.2.2: the vocabulary split
+    into groups of about 500 classes for a 200-mixture MoE) as one function: the same outputs as one MoE, with the
+    [B, C, M] activations of one group alive at a time."""
+
+    def __init__(self, in_dim: int, num_classes: int, num_mixtures: int = 2, class_group: int | None = None):
         super().__init__()
-        self.num_classes, self.num_mixtures = num_classes, num_mixtures
+        if class_group is not None and class_group < 1:
+            raise ValueError(f"class_group must be >= 1 (or None: all classes at once), got {class_group}")
+        self.num_classes, self.num_mixtures, self.class_group = num_classes, num_mixtures, class_group
         self.gates = nn.Linear(in_dim, num_classes * (num_mixtures + 1), bias=False)
         self.experts = nn.Linear(in_dim, num_classes * num_mixtures)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        log_gates = F.log_softmax(self.gates(x).view(batch, self.num_classes, self.num_mixtures + 1), dim=-1)
-        experts = self.experts(x).view(batch, self.num_classes, self.num_mixtures)  # [B, C, M]
+        group = self.class_group or self.num_classes
+        if group >= self.num_classes:
+            return self._logits(x, 0, self.num_classes)
+        checkpointed = torch.is_grad_enabled() and self.training
+        parts = []
+        for start in range(0, self.num_classes, group):
+            end = min(start + group, self.num_classes)
+            if checkpointed:
+                parts.append(torch.utils.checkpoint.checkpoint(self._logits, x, start, end, use_reentrant=False))
+            else:
+                parts.append(self._logits(x, start, end))
+        return torch.cat(parts, dim=-1)
+
+    def _logits(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """The logits of classes [start, end): their rows of the class-major gate and expert weights."""
+        batch, classes, mixtures = x.shape[0], end - start, self.num_mixtures
+        gate_rows = slice(start * (mixtures + 1), end * (mixtures + 1))
+        expert_rows = slice(start * mixtures, end * mixtures)
+        gates = F.linear(x, self.gates.weight[gate_rows]).view(batch, classes, mixtures + 1)
+        log_gates = F.log_softmax(gates, dim=-1)
+        experts = F.linear(x, self.experts.weight[expert_rows], self.experts.bias[expert_rows])
+        experts = experts.view(batch, classes, mixtures)  # [B, C, M]
         log_p = torch.logsumexp(log_gates[..., :-1] + F.logsigmoid(experts), dim=-1)
         log_not_p = torch.logsumexp(
             torch.cat([log_gates[..., :-1] + F.logsigmoid(-experts), log_gates[..., -1:]], dim=-1), dim=-1)
@@ -97,10 +125,11 @@ class LogisticClassifier(nn.Module):
 
 
 def build_classifier(kind: str, in_dim: int, num_classes: int, num_mixtures: int = 2,
-                     regularize_bias: bool = False) -> nn.Module:
-    """A "moe" or "logistic" head; `regularize_bias` puts a logistic head's bias under the L2 penalty."""
+                     regularize_bias: bool = False, class_group: int | None = None) -> nn.Module:
+    """A "moe" or "logistic" head; `regularize_bias` puts a logistic head's bias under the L2 penalty;
+    `class_group` computes a MoE's classes in groups (`MixtureOfExperts`)."""
     if kind == "moe":
-        return MixtureOfExperts(in_dim, num_classes, num_mixtures)
+        return MixtureOfExperts(in_dim, num_classes, num_mixtures, class_group)
     if kind == "logistic":
         return LogisticClassifier(in_dim, num_classes, regularize_bias)
     raise ValueError(f"unknown classifier {kind!r}: expected 'moe' or 'logistic'")
@@ -391,7 +420,7 @@ def reverse_frames(x: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
 def packing_enabled() -> bool:
     """Recurrences run over packed sequences, except while torch.compile or torch.export captures a graph
     (packing has data-dependent shapes): there they run over the padded frames, with the same results."""
-    return not torch.compiler.is_compiling()
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
 def run_recurrent(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, num_frames: torch.Tensor,
@@ -400,12 +429,12 @@ def run_recurrent(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, num_frames: torch.Tens
 
     Returns (outputs [B, T, H] of the top layer, 0 on padding frames; final [B, H], the top layer's state after
     the last real frame: its output h, or with `memory` an LSTM's cell memory c). An empty video runs its first
-    frame. Eagerly the frames are packed (`pack_padded_sequence`), so the recurrence stops at each video's
+    frame, as a video of one frame. Eagerly the frames are packed (`pack_padded_sequence`), so the recurrence stops at each video's
     length; inside a captured graph (`packing_enabled`) it runs over the padded frames, and an LSTM's memory
     is recovered from its outputs (`lstm_memory`), which needs a single-layer module.
     On the CPU the recurrence runs in float32 (oneDNN has no bfloat16 LSTM).
     """
-    mask = frame_mask(num_frames, x.shape[1]).unsqueeze(-1)  # [B, T, 1]
+    mask = frame_mask(num_frames.clamp(min=1), x.shape[1]).unsqueeze(-1)  # [B, T, 1]
     autocast = torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else contextlib.nullcontext()
     with autocast:
         if x.device.type == "cpu":
@@ -437,12 +466,12 @@ def lstm_memory(rnn: nn.LSTM, x: torch.Tensor, outputs: torch.Tensor, num_frames
     previous = F.pad(outputs, (0, 0, 1, 0))[:, :-1]  # h_(t-1), h_0 = 0
     gates = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0) + F.linear(previous, rnn.weight_hh_l0, rnn.bias_hh_l0)
     input_gate, forget_gate, cell = gates[..., :hidden], gates[..., hidden:2 * hidden], gates[..., 2 * hidden:3 * hidden]
-    decay = F.logsigmoid(forget_gate).cumsum(1)  # [B, T, H]
+    decay = (-F.softplus(-forget_gate)).cumsum(1)  # [B, T, H]: log sigmoid, finite in every exporter
     last = (num_frames.long().clamp(min=1, max=x.shape[1]) - 1).view(-1, 1, 1)
     exponent = decay.gather(1, last.expand(-1, 1, hidden)) - decay  # [B, T, H]
     after = torch.arange(x.shape[1], device=x.device).view(1, -1, 1) > last
-    exponent = exponent.masked_fill(after, float("-inf"))
-    return (exponent.exp() * torch.sigmoid(input_gate) * torch.tanh(cell)).sum(1)
+    weights = exponent.masked_fill(after, 0.0).exp().masked_fill(after, 0.0)  # no step after the last counts
+    return (weights * torch.sigmoid(input_gate) * torch.tanh(cell)).sum(1)
 
 
 def subsample_frames(x: torch.Tensor, num_frames: torch.Tensor, k: int, mode: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,7 +623,7 @@ class GatedCell(nn.Module):
     Biases start at 0.1, the forget gates' at `forget_bias` (1.0), as theirs.
 
     x [B, T, M], num_frames [B] -> (outputs h [B, T, N], 0 on padding; final h [B, N]; final c [B, N]) after each
-    video's last real frame (its first for an empty video). The recurrence is a loop over the frames
+    video's last real frame (an empty video runs its first frame, as `run_recurrent`). The recurrence is a loop over the frames
     (`scan_gated_cell`: see benchmarks/bench_cells.py for the choice of its implementation).
     """
 
@@ -618,33 +647,42 @@ class GatedCell(nn.Module):
         pre = self.input_proj(x)  # [B, T, G]: the input's part of every gate, for all frames at once
         weight = self.recurrent.weight.to(pre.dtype)
         outputs, h, c = scan_gated_cell(pre, weight, x if self.accumulator else None, mask, self.hidden_size)
-        return outputs.masked_fill(~frame_mask(num_frames, x.shape[1]).unsqueeze(-1), 0.0), h, c
+        return outputs.masked_fill(~mask.unsqueeze(-1), 0.0), h, c
 
 
 def scan_gated_cell(pre: torch.Tensor, weight: torch.Tensor, x: torch.Tensor | None, mask: torch.Tensor,
-                    hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    hidden: int, step=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`GatedCell`'s recurrence: pre [B, T, G] the input's part of the gates, weight [G, N (+ M)] the recurrent
     one, x [B, T, M] the input (LSTM-A) or None, mask [B, T] the frames to run. A frame outside the mask leaves
-    the state as it was. Returns (h [B, T, N], final h [B, N], final c [B, N])."""
+    the state as it was. Returns (h [B, T, N], final h [B, N], final c [B, N]). `step` replaces `gated_step`
+    (benchmarks/bench_cells.py passes a compiled one)."""
+    step = step or gated_step
     batch, frames = pre.shape[:2]
     h = pre.new_zeros(batch, hidden)
     c = pre.new_zeros(batch, hidden)
-    accumulated = x.new_zeros(batch, x.shape[-1]) if x is not None else None
-    direction = x.new_zeros(batch, x.shape[-1]) if x is not None else None
+    accumulated = pre.new_zeros(batch, x.shape[-1] if x is not None else 0)
+    direction = accumulated
     outputs = []
     for t in range(frames):
         state = h if x is None else torch.cat([h, direction], -1)
         gates = torch.addmm(pre[:, t], state, weight.t())  # [B, G]
-        keep = mask[:, t, None]  # [B, 1]
-        scalars = torch.sigmoid(gates[:, 2 * hidden:])  # [B, 2 or 4]: i, f (, i', f')
-        c_new = scalars[:, 1:2] * c + scalars[:, 0:1] * torch.tanh(gates[:, hidden:2 * hidden])
-        h_new = torch.sigmoid(gates[:, :hidden]) * torch.tanh(c_new)
-        c, h = torch.where(keep, c_new, c), torch.where(keep, h_new, h)
+        h_new, h, c, accumulated = step(gates, h, c, accumulated, x[:, t] if x is not None else accumulated,
+                                        mask[:, t, None], hidden)
         if x is not None:
-            accumulated = torch.where(keep, scalars[:, 3:4] * accumulated + scalars[:, 2:3] * x[:, t], accumulated)
             direction = l2_normalize(accumulated)
         outputs.append(h_new)
     return torch.stack(outputs, 1), h, c
+
+
+def gated_step(gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, accumulated: torch.Tensor,
+               x_t: torch.Tensor, keep: torch.Tensor, hidden: int):
+    """One step of `scan_gated_cell` after the matmuls: (h_t, h and c kept where `keep`, the accumulator)."""
+    scalars = torch.sigmoid(gates[:, 2 * hidden:])  # [B, 2 or 4]: i, f (, i', f')
+    c_new = scalars[:, 1:2] * c + scalars[:, 0:1] * torch.tanh(gates[:, hidden:2 * hidden])
+    h_new = torch.sigmoid(gates[:, :hidden]) * torch.tanh(c_new)
+    if scalars.shape[1] == 4:
+        accumulated = torch.where(keep, scalars[:, 3:4] * accumulated + scalars[:, 2:3] * x_t, accumulated)
+    return h_new, torch.where(keep, h_new, h), torch.where(keep, c_new, c), accumulated
 
 
 def init_forget_bias(lstm: nn.LSTM, value: float) -> None:
@@ -667,7 +705,9 @@ class RecurrentStack(nn.Module):
 
     `first_layer`: "forward"; "backward" (it reads each video's frames last to first, its outputs put back in
     time order); "bidirectional" (both, outputs concatenated [B, T, 2H]). `input_to_every_layer`: each layer
-    above the first reads [x; the layer below's outputs] (the 2nd place's two-layer LSTM-A).
+    above the first reads [x; the layer below's outputs] (the 2nd place's two-layer LSTM-A). `subsample` k > 1
+    pools every k frames of a layer's outputs (`subsample_frames`, `subsample_mode`) before the next layer reads
+    them (the 2nd place's temporal-pooling LSTM); the top layer's outputs are then at 1/k^(L-1) of the frames.
 
     forward(x [B, T, D], num_frames [B], final="memory" | "output", layers="top" | "all") -> (outputs of the top
     layer [B, T, out_dim], 0 on padding; final states [B, final_dim(layers)]): each layer's state after the last
@@ -677,8 +717,14 @@ class RecurrentStack(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden_size: int, num_layers: int = 1, cell: str = "lstm",
-                 first_layer: str = "forward", input_to_every_layer: bool = False, forget_bias: float = 1.0):
+                 first_layer: str = "forward", input_to_every_layer: bool = False, forget_bias: float = 1.0,
+                 subsample: int = 1, subsample_mode: str = "mean"):
         super().__init__()
+        if subsample > 1 and input_to_every_layer:
+            raise ValueError("input_to_every_layer needs every layer at the input's frame rate (subsample 1)")
+        if subsample < 1:
+            raise ValueError(f"subsample must be >= 1, got {subsample}")
+        self.subsample, self.subsample_mode = subsample, subsample_mode
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {list(CELLS)}, got {cell!r}")
         if first_layer not in ("forward", "backward", "bidirectional"):
@@ -721,6 +767,8 @@ class RecurrentStack(nn.Module):
         for index, layer in enumerate(self.layers):
             if index > 0 and self.input_to_every_layer:
                 below = torch.cat([inputs.to(below.dtype), below], -1)
+            if index > 0 and self.subsample > 1:
+                below, num_frames = subsample_frames(below, num_frames, self.subsample, self.subsample_mode)
             if index == 0 and self.first_layer != "forward":
                 outputs, state = self._run(layer if self.first_layer == "backward" else self.backward_layer,
                                            reverse_frames(below, num_frames), num_frames, final)
@@ -734,3 +782,51 @@ class RecurrentStack(nn.Module):
             finals.append(state)
             below = outputs
         return below, (finals[-1] if layers == "top" else torch.cat(finals, -1))
+
+
+class ParallelRecurrent(nn.Module):
+    """The 2nd place's parallel LSTM ([monkeytyping2017] §2, Table 4): the feature axis split into groups (rgb and
+    audio), each group L2-normalised per frame (with `normalize`, as their LstmParallel models) and read by its
+    own `RecurrentStack`. x [B, T, sum(dims)] -> (outputs [B, T, sum(hidden_sizes)], final states concatenated
+    group by group); `final` and `layers` as `RecurrentStack`'s."""
+
+    def __init__(self, dims: tuple[int, ...], hidden_sizes: tuple[int, ...], num_layers: int = 2, cell: str = "lstm",
+                 normalize: bool = True, forget_bias: float = 1.0):
+        super().__init__()
+        if len(dims) != len(hidden_sizes):
+            raise ValueError(f"one hidden size per feature group: dims {list(dims)}, hidden sizes {list(hidden_sizes)}")
+        self.dims, self.normalize = tuple(dims), normalize
+        self.stacks = nn.ModuleList(RecurrentStack(dim, hidden, num_layers, cell, forget_bias=forget_bias)
+                                    for dim, hidden in zip(dims, hidden_sizes))
+        self.out_dim = sum(stack.out_dim for stack in self.stacks)
+
+    def final_dim(self, layers: str = "top") -> int:
+        return sum(stack.final_dim(layers) for stack in self.stacks)
+
+    def forward(self, x: torch.Tensor, num_frames: torch.Tensor, final: str = "memory",
+                layers: str = "top") -> tuple[torch.Tensor, torch.Tensor]:
+        outputs, finals = [], []
+        for group, stack in zip(x.split(self.dims, dim=-1), self.stacks):
+            out, state = stack(l2_normalize(group) if self.normalize else group, num_frames, final, layers)
+            outputs.append(out)
+            finals.append(state)
+        return torch.cat(outputs, -1), torch.cat(finals, -1)
+
+
+def sample_frames_in_order(x: torch.Tensor, num_frames: torch.Tensor, fraction: float,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random `fraction` of each video's real frames, kept in their order and moved to the front:
+    x [B, T, D] -> ([B, T, D], counts ceil(fraction * n)), the rest 0 (the 2nd place's 50% frame-sampling
+    augmentation, [monkeytyping2017] Appendix A row 11; their code draws one permutation for the whole batch,
+    here each video draws its own)."""
+    batch, frames = x.shape[:2]
+    real = frame_mask(num_frames, frames)  # [B, T]
+    # drawn [T, B], so that frame t of video b gets the same key however many padding frames follow
+    keys = torch.rand(frames, batch, device=x.device, generator=generator).t().masked_fill(~real, 2.0)
+    rank = keys.argsort(1).argsort(1)  # each frame's rank among its video's frames, padding last
+    counts = torch.ceil(num_frames.to(torch.float32) * fraction).long().clamp(max=frames)
+    kept = rank < counts[:, None]
+    steps = torch.arange(frames, device=x.device)
+    order = torch.where(kept, steps, steps + frames).argsort(1)  # kept frames first, in time order
+    sampled = x.gather(1, order.unsqueeze(-1).expand_as(x))
+    return sampled.masked_fill(~frame_mask(counts, frames).unsqueeze(-1), 0.0), counts

@@ -8,7 +8,17 @@ from torch import nn
 
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models.base import VideoClassifier
-from yt8m.models.layers import build_classifier, init_forget_bias
+from yt8m.models.layers import (
+    ParallelRecurrent,
+    RecurrentStack,
+    build_classifier,
+    frame_mask,
+    init_forget_bias,
+    run_recurrent,
+    sample_frames_in_order,
+    split_clips,
+    subsample_frames,
+)
 from yt8m.models.registry import register
 
 
@@ -51,17 +61,10 @@ class RecurrentClassifier(VideoClassifier):
 
     def forward_features(self, rgb, audio, num_frames):
         x = self.inputs(rgb, audio)  # [B, T, D]
-        # the states after the last real frame (the first frame of an empty video): the recurrence runs
-        # forward, so the padding after it does not reach them
-        last = (num_frames.long().clamp(min=1, max=x.shape[1]) - 1).view(-1, 1, 1)  # [B, 1, 1]
         states = []
         for rnn in self.rnn if isinstance(self.rnn, nn.ModuleList) else [self.rnn]:
-            if x.device.type == "cpu":  # oneDNN has no bfloat16 LSTM: the recurrence runs in float32 on the CPU
-                with torch.autocast("cpu", enabled=False):
-                    x, _ = rnn(x.float())
-            else:
-                x, _ = rnn(x)  # [B, T, H]: the top layer's outputs of this module
-            states.append(x.gather(1, last.expand(-1, 1, x.shape[-1])).squeeze(1))  # [B, H]
+            x, state = run_recurrent(rnn, x, num_frames)  # [B, T, H]: this module's top layer; [B, H]
+            states.append(state)
         return torch.cat(states, -1)  # [B, H] ("top") or [B, L * H] ("all_layers")
 
 
@@ -70,3 +73,237 @@ register("lstm", RecurrentClassifier, "starter LstmModel: 2 x 1024 LSTM cells, f
 register("gru", RecurrentClassifier,
          "4th place 2018 GRU: 2 x 1200 GRU cells over every frame, both layers' final states (2400) -> MoE 2",
          cell="gru", hidden_size=1200, num_layers=2, final_states="all_layers", num_mixtures=2)
+
+
+# ----------------------------------------------------------------------------- the 2017 recurrent family
+# [monkeytyping2017] §2 and §4, Appendix A rows 3-11, 13-14 (settings their code fixes: [monkeytyping-code]);
+# [uts2017] §2.3.1 and Tables 2-3 (their code, [uts-code], is not in the offline index: the paper alone).
+
+
+class StackedRecurrentClassifier(VideoClassifier):
+    """A `RecurrentStack` over the frames -> its final states -> (an optional FC) -> classifier.
+
+    Covers the 2nd place's LSTM family and the UTS stacked RNNs: `cell` lstm, gru, lstm_s (LSTM-S), lstm_a
+    (LSTM-A); `first_layer` backward or bidirectional; `input_to_every_layer` (their two-layer LSTM-A);
+    `final_state` "memory" (the cell memory c, their LstmMemory models: "the memory cells of the final state are
+    used", Appendix A.2) or "output" (h); `final_layers` "all" (every layer's state concatenated, as their code)
+    or "top"; `audio_hidden_size` > 0 makes it the parallel LSTM (rgb and audio each L2-normalised per frame, each
+    read by its own stack, row 9-10); `subsample` k pools every k frames between layers (the temporal-pooling
+    LSTM, row 14, `subsample_mode`); `train_frame_fraction` < 1 trains on that fraction of each video's frames,
+    drawn anew every step and kept in order (row 11; evaluation reads every frame); `output_size` > 0 puts a
+    linear layer on the states before the classifier (UTS "GRU+fc").
+    """
+
+    default_lr = 1e-3
+
+    def __init__(self, num_classes: int, cell: str = "lstm", hidden_size: int = 1024, num_layers: int = 2,
+                 first_layer: str = "forward", input_to_every_layer: bool = False, final_state: str = "memory",
+                 final_layers: str = "all", audio_hidden_size: int = 0, subsample: int = 1, subsample_mode: str = "mean",
+                 train_frame_fraction: float = 1.0, output_size: int = 0, classifier: str = "moe",
+                 num_mixtures: int = 8, input_norm: bool = False, forget_bias: float = 1.0,
+                 rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+        super().__init__(num_classes, input_norm)
+        if final_state not in ("memory", "output") or final_layers not in ("top", "all"):
+            raise ValueError(f"final_state must be 'memory' or 'output' and final_layers 'top' or 'all', got "
+                             f"{final_state!r}, {final_layers!r}")
+        if not 0 < train_frame_fraction <= 1:
+            raise ValueError(f"train_frame_fraction must be in (0, 1], got {train_frame_fraction}")
+        self.final_state, self.final_layers, self.train_frame_fraction = final_state, final_layers, train_frame_fraction
+        if audio_hidden_size:
+            if (first_layer, input_to_every_layer, subsample) != ("forward", False, 1):
+                raise ValueError("the parallel stacks (audio_hidden_size > 0) take no first_layer, "
+                                 "input_to_every_layer or subsample option")
+            self.rnn = ParallelRecurrent((rgb_dim, audio_dim), (hidden_size, audio_hidden_size), num_layers, cell,
+                                         normalize=input_norm, forget_bias=forget_bias)
+        else:
+            self.rnn = RecurrentStack(rgb_dim + audio_dim, hidden_size, num_layers, cell, first_layer,
+                                      input_to_every_layer, forget_bias, subsample, subsample_mode)
+        state_dim = self.rnn.final_dim(final_layers)
+        self.output = nn.Linear(state_dim, output_size) if output_size else None
+        self.head = build_classifier(classifier, output_size or state_dim, num_classes, num_mixtures)
+
+    def inputs(self, rgb: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.rnn, ParallelRecurrent):  # each modality normalised on its own, by the stacks
+            return torch.cat([rgb, audio], dim=-1)
+        return super().inputs(rgb, audio)
+
+    def forward_features(self, rgb, audio, num_frames):
+        x = self.inputs(rgb, audio)  # [B, T, D]
+        if self.training and self.train_frame_fraction < 1:
+            x, num_frames = sample_frames_in_order(x, num_frames, self.train_frame_fraction)
+        _, states = self.rnn(x, num_frames, self.final_state, self.final_layers)  # [B, S]
+        return self.output(states) if self.output is not None else states
+
+
+class HiddenMixture(nn.Module):
+    """The UTS hierarchical RNN's "hidden MoE" between its two levels ([uts2017] §2.3.1 c): `y = sum_m g_m(x)
+    (W_m x + b_m)`, g a softmax over M experts, no activation on the experts. [N, D] -> [N, out_dim]."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_mixtures: int = 2):
+        super().__init__()
+        self.out_dim, self.num_mixtures = out_dim, num_mixtures
+        self.gates = nn.Linear(in_dim, num_mixtures, bias=False)
+        self.experts = nn.Linear(in_dim, out_dim * num_mixtures)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = torch.softmax(self.gates(x), dim=-1)  # [N, M]
+        experts = self.experts(x).unflatten(-1, (self.num_mixtures, self.out_dim))  # [N, M, out]
+        return (gates.unsqueeze(-1) * experts).sum(-2)
+
+
+def shuffle_frames(x: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+    """Each video's real frames in a random order, its padding after them (UTS "random order")."""
+    real = frame_mask(num_frames, x.shape[1])
+    keys = torch.rand(x.shape[1], x.shape[0], device=x.device).t().masked_fill(~real, 2.0)  # [T, B] drawn
+    return x.gather(1, keys.argsort(1).unsqueeze(-1).expand_as(x))
+
+
+class HierarchicalRecurrentClassifier(VideoClassifier):
+    """Two recurrent levels: the frames cut into clips of `clip_frames`, one recurrent layer over each clip (shared
+    weights), each clip's final state a step of a second recurrent layer, whose final state is classified.
+
+    The 2nd place's temporal-segment LSTM ([monkeytyping2017] §4, row 13: clips of 10, LSTM 1024 at both levels,
+    final cell memories, MoE 8; their code runs the clip LSTM over every frame of a clip, here over its real
+    frames) and the UTS hierarchical GRU ([uts2017] §2.3.1 c, Table 3: clips of 15 or 20, a `between` "moe" hidden
+    mixture between the levels, dropout 0.5 before the classifier; `layer_norm`: the levels' states layer-normalised,
+    where their "LN HGRU" normalises inside the cells, which PyTorch's fused GRU has no place for;
+    `shuffle_frames`: "random order", the real frames shuffled in training).
+    """
+
+    default_lr = 5e-4  # [uts2017] §3, for RNNs
+
+    def __init__(self, num_classes: int, cell: str = "gru", clip_frames: int = 15, hidden_size: int = 1024,
+                 top_hidden_size: int = 0, between: str = "moe", between_mixtures: int = 2, layer_norm: bool = False,
+                 shuffle_frames: bool = False, dropout: float = 0.5, final_state: str = "memory",
+                 classifier: str = "moe", num_mixtures: int = 2, input_norm: bool = False, forget_bias: float = 1.0,
+                 rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+        super().__init__(num_classes, input_norm)
+        if between not in ("moe", "none"):
+            raise ValueError(f"between must be 'moe' or 'none', got {between!r}")
+        if clip_frames < 1:
+            raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
+        if final_state not in ("memory", "output"):
+            raise ValueError(f"final_state must be 'memory' or 'output', got {final_state!r}")
+        top_hidden_size = top_hidden_size or hidden_size
+        self.clip_frames, self.shuffle, self.final_state = clip_frames, shuffle_frames, final_state
+        self.clip_rnn = RecurrentStack(rgb_dim + audio_dim, hidden_size, 1, cell, forget_bias=forget_bias)
+        self.between = HiddenMixture(hidden_size, hidden_size, between_mixtures) if between == "moe" else None
+        self.clip_norm = nn.LayerNorm(hidden_size) if layer_norm else None
+        self.top_rnn = RecurrentStack(hidden_size, top_hidden_size, 1, cell, forget_bias=forget_bias)
+        self.top_norm = nn.LayerNorm(top_hidden_size) if layer_norm else None
+        self.dropout = nn.Dropout(dropout)
+        self.head = build_classifier(classifier, top_hidden_size, num_classes, num_mixtures)
+
+    def forward_features(self, rgb, audio, num_frames):
+        x = self.inputs(rgb, audio)  # [B, T, D]
+        if self.training and self.shuffle:
+            x = shuffle_frames(x, num_frames)
+        clips, lengths, counts = split_clips(x, num_frames, self.clip_frames)  # [B * N, L, D], [B * N], [B]
+        _, states = self.clip_rnn(clips, lengths, self.final_state)  # [B * N, H]
+        if self.clip_norm is not None:
+            states = self.clip_norm(states)
+        if self.between is not None:
+            states = self.between(states)
+        states = states.view(x.shape[0], -1, states.shape[-1])  # [B, N, H]
+        _, video = self.top_rnn(states, counts, self.final_state)  # [B, H']
+        if self.top_norm is not None:
+            video = self.top_norm(video)
+        return self.dropout(video)
+
+
+class MultiRateRecurrentClassifier(VideoClassifier):
+    """The UTS multi-scale RNN ([uts2017] §2.3.1 d, Table 3 "Multi-scale GRU"): the frames read at several rates
+    (every r-th frame: `subsample_frames` "select"), a recurrent stack per rate, their final states concatenated
+    and classified."""
+
+    default_lr = 5e-4  # [uts2017] §3, for RNNs
+
+    def __init__(self, num_classes: int, rates: tuple[int, ...] = (1, 2, 4), cell: str = "gru", hidden_size: int = 1024,
+                 num_layers: int = 2, final_state: str = "memory", dropout: float = 0.5, classifier: str = "moe",
+                 num_mixtures: int = 2, input_norm: bool = False, forget_bias: float = 1.0,
+                 rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+        super().__init__(num_classes, input_norm)
+        if not rates or min(rates) < 1:
+            raise ValueError(f"rates must be frame intervals >= 1, got {list(rates)}")
+        self.rates, self.final_state = tuple(rates), final_state
+        self.rnns = nn.ModuleList(RecurrentStack(rgb_dim + audio_dim, hidden_size, num_layers, cell,
+                                                 forget_bias=forget_bias) for _ in self.rates)
+        self.dropout = nn.Dropout(dropout)
+        self.head = build_classifier(classifier, len(self.rates) * self.rnns[0].final_dim(), num_classes, num_mixtures)
+
+    def forward_features(self, rgb, audio, num_frames):
+        x = self.inputs(rgb, audio)  # [B, T, D]
+        states = []
+        for rate, rnn in zip(self.rates, self.rnns):
+            frames, counts = subsample_frames(x, num_frames, rate, "select") if rate > 1 else (x, num_frames)
+            states.append(rnn(frames, counts, self.final_state)[1])
+        return self.dropout(torch.cat(states, -1))
+
+
+class ContextRecurrentClassifier(VideoClassifier):
+    """The UTS stacked RNN with context injection ([uts2017] §2.3.1 b, Table 3 "StackGRU+context"):
+    `x' = stop_gradient(ContextRNN(x)) + x` read by a recurrent stack.
+
+    The context encoder is a recurrent layer over clips of `clip_frames` (of the input's width, so its outputs add
+    to the frames), trained only by its own reconstruction term: from each clip's final state, two linear decoders
+    predict the mean frame of the previous and of the next clip; their mean squared error, times `context_weight`,
+    is the training output's "extra_loss". The paper's encoder is a seq2seq model that reconstructs the
+    neighbouring clips frame by frame, trained beforehand; here it trains with the classifier, on clip means.
+    """
+
+    default_lr = 5e-4
+
+    def __init__(self, num_classes: int, cell: str = "gru", hidden_size: int = 1024, num_layers: int = 2,
+                 clip_frames: int = 10, context_weight: float = 1.0, final_state: str = "memory",
+                 classifier: str = "moe", num_mixtures: int = 2, input_norm: bool = False, forget_bias: float = 1.0,
+                 rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+        super().__init__(num_classes, input_norm)
+        in_dim = rgb_dim + audio_dim
+        self.clip_frames, self.context_weight, self.final_state = clip_frames, context_weight, final_state
+        self.context = RecurrentStack(in_dim, in_dim, 1, cell, forget_bias=forget_bias)
+        self.decoders = nn.Linear(in_dim, 2 * in_dim)  # [previous clip's mean; next clip's mean]
+        self.rnn = RecurrentStack(in_dim, hidden_size, num_layers, cell, forget_bias=forget_bias)
+        self.head = build_classifier(classifier, self.rnn.final_dim("top"), num_classes, num_mixtures)
+
+    def _encode(self, rgb, audio, num_frames):
+        """(the stack's final state [B, H], what the reconstruction term needs)."""
+        x = self.inputs(rgb, audio)  # [B, T, D]
+        batch, frames, dim = x.shape
+        clips, lengths, counts = split_clips(x, num_frames, self.clip_frames)  # [B * N, L, D]
+        context, states = self.context(clips, lengths, "output")  # [B * N, L, D], [B * N, D]
+        context = context.reshape(batch, -1, dim)[:, :frames]  # [B, T, D]: back in time order
+        _, video = self.rnn(x + context.detach().to(x.dtype), num_frames, self.final_state)
+        return video, (clips, lengths, counts, states)
+
+    def forward_features(self, rgb, audio, num_frames):
+        return self._encode(rgb, audio, num_frames)[0]
+
+    def forward(self, rgb, audio, num_frames, cascade=None):
+        video, clip_states = self._encode(rgb, audio, num_frames)
+        logits = self.forward_head(video, cascade)
+        if not self.training:
+            return logits
+        return {"logits": logits, "extra_loss": self.context_weight * self._reconstruction(*clip_states)}
+
+    def _reconstruction(self, clips, lengths, counts, states) -> torch.Tensor:
+        """The mean squared error of the decoded neighbour-clip means, over the clips that have the neighbour."""
+        batch = counts.shape[0]
+        means = clips.sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(clips.dtype)  # [B * N, D]
+        means = means.view(batch, -1, means.shape[-1]).detach()  # [B, N, D]
+        previous, following = self.decoders(states).view(batch, -1, 2, means.shape[-1]).unbind(2)
+        clip = torch.arange(means.shape[1], device=means.device)[None, :]  # [1, N]
+        has_previous = ((clip >= 1) & (clip < counts[:, None])).to(means.dtype)  # [B, N]
+        has_next = (clip + 1 < counts[:, None]).to(means.dtype)
+        error_previous = (previous[:, 1:] - means[:, :-1]).square().mean(-1) * has_previous[:, 1:]
+        error_next = (following[:, :-1] - means[:, 1:]).square().mean(-1) * has_next[:, :-1]
+        return (error_previous.sum() + error_next.sum()) / (has_previous.sum() + has_next.sum()).clamp(min=1.0)
+
+
+register("recurrent", StackedRecurrentClassifier,
+         "2017 recurrent stack: 2 x 1024 LSTM, every layer's final cell memory -> MoE 8 (2nd place LstmMemory)")
+register("hierarchical_rnn", HierarchicalRecurrentClassifier,
+         "UTS hierarchical GRU: clips of 15 frames, a GRU per clip, a hidden MoE, a second GRU -> MoE 2")
+register("multirate_rnn", MultiRateRecurrentClassifier,
+         "UTS multi-scale GRU: 2 x 1024 GRUs over every 1st, 2nd and 4th frame, final states -> MoE 2")
+register("context_rnn", ContextRecurrentClassifier,
+         "UTS stacked GRU with context injection: x + stop_gradient(context encoder(x)) -> 2 x 1024 GRU -> MoE 2")

@@ -1,4 +1,5 @@
-"""Video-level models of the starter code ([yt8m-starter]): classifiers on the mean rgb and audio features."""
+"""Video-level models of the starter code ([yt8m-starter]): classifiers on the mean rgb and audio features; and
+the UTS team's Parallel MoE ([uts2017] §2.2.2), a MoE of hundreds of mixtures computed by groups of classes."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ class VideoLevelClassifier(VideoClassifier):
     level = "video"
 
     def __init__(self, num_classes: int, classifier: str = "logistic", num_mixtures: int = 2,
-                 input_norm: bool = True, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
+                 input_norm: bool = True, class_group: int | None = None, rgb_dim: int = RGB_DIM,
+                 audio_dim: int = AUDIO_DIM):
         super().__init__(num_classes, input_norm)
-        self.head = build_classifier(classifier, rgb_dim + audio_dim, num_classes, num_mixtures)
+        self.head = build_classifier(classifier, rgb_dim + audio_dim, num_classes, num_mixtures,
+                                     class_group=class_group)
 
     def forward_features(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
         return self.inputs(rgb, audio)  # [B, D]
@@ -27,3 +30,6 @@ class VideoLevelClassifier(VideoClassifier):
 register("logistic", VideoLevelClassifier, "starter LogisticModel: one linear layer", classifier="logistic")
 register("moe", VideoLevelClassifier, "starter MoeModel: 2 mixtures plus a dummy expert",
          classifier="moe", num_mixtures=2)
+register("parallel_moe", VideoLevelClassifier,
+         "UTS Parallel MoE: 200 mixtures per class, computed 500 classes at a time (activation checkpointing)",
+         classifier="moe", num_mixtures=200, class_group=500)
