@@ -68,7 +68,7 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def torchscript(model, tmp_path_factory):
-    if frames_fixed_by(model, "TorchScript"):
+    if frames_fixed_by(model):
         pytest.skip("refused: test_export_refuses_a_model_whose_frame_count_it_would_fix")
     path = export_torchscript(model, tmp_path_factory.mktemp("torchscript") / "model.pt")
     module = torch.jit.load(str(path))

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models import VideoClassifier
@@ -38,6 +39,7 @@ from yt8m.train.checkpoint import temporary_path
 INPUT_NAMES = ("rgb", "audio", "num_frames")
 OUTPUT_NAMES = ("logits",)
 FORMATS = ("onnx", "torchscript")
+FRAMES_AXIS = "frames"  # the name of the dynamic frame axis in the ONNX graph
 ONNX_OPSET = 20  # torch.onnx's default in torch 2.13; opset 18 and above work
 
 
@@ -145,7 +147,7 @@ def export_onnx(model: VideoClassifier, path: str | Path, opset: int = ONNX_OPSE
         raise ImportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from error
     path = Path(path)
     name = _check_exportable(model, "ONNX")
-    batch, frames = Dim("batch", min=1), Dim("frames", min=1)
+    batch, frames = Dim("batch", min=1), Dim(FRAMES_AXIS, min=1)
     per_frame = {0: batch} if model.level == "video" else {0: batch, 1: frames}
     with _eval_mode(model), torch.no_grad():
         try:
@@ -156,13 +158,13 @@ def export_onnx(model: VideoClassifier, path: str | Path, opset: int = ONNX_OPSE
                 custom_translation_table={torch.ops.aten.scaled_dot_product_attention.default:
                                           _attention_translation(getattr(onnxscript, f"opset{opset}"))})
             if model.level == "frame" and isinstance(program.model.graph.inputs[0].shape[1], int):
-                raise FixedFramesError(_fixed_frames_message(model, name))
+                raise FixedFramesError(_fixed_frames_message(name))
             program.save(str(path))
         except FixedFramesError:
             raise
         except Exception as error:
-            if "(frames)" in str(error) and ("Constraints violated" in str(error) or "Specializations" in str(error)):
-                raise FixedFramesError(_fixed_frames_message(model, name)) from error
+            if _fixed_an_axis(error, FRAMES_AXIS):
+                raise FixedFramesError(_fixed_frames_message(name)) from error
             raise RuntimeError(f"model {name} could not be exported to ONNX ({path}): {error}") from error
     return path
 
@@ -192,11 +194,10 @@ def _check_exportable(model: nn.Module, format: str) -> str:
     if is_cascade(model):
         raise ValueError(f"model {name} is a cascade: it needs the upstream models' predictions besides the frames, "
                          f"which the exported signature ({', '.join(INPUT_NAMES)}) has no input for")
-    fixed = frames_fixed_by(model, format)
+    fixed = frames_fixed_by(model)
     if fixed:
-        raise FixedFramesError(f"model {name} cannot be exported to {format} for any frame count: {fixed}; "
-                         f"{'export it to TorchScript, or ' if format == 'ONNX' and not frames_fixed_by(model, 'TorchScript') else ''}"
-                         "use its run or an artifact (yt8m export --format artifact)")
+        raise FixedFramesError(f"model {name} cannot be exported to {format} for any frame count: {fixed}; use its "
+                               "run or an artifact (yt8m export --format artifact)")
     devices = {tensor.device for tensor in [*model.parameters(), *model.buffers()]}
     if len(devices) > 1:
         raise ValueError(f"model {name} has parameters on {len(devices)} devices ({', '.join(map(str, devices))}): "
@@ -204,25 +205,38 @@ def _check_exportable(model: nn.Module, format: str) -> str:
     return name
 
 
+def _fixed_an_axis(error: BaseException, axis: str) -> bool:
+    """Whether torch.export failed because the code fixed dynamic axis `axis` (a ConstraintViolationError in the
+    error's chain, or, as torch.onnx reports the strategies it tried, in its message)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, ConstraintViolationError):
+            return f"({axis})" in str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return any(f"{kind} ({axis})" in str(error) for kind in ("Constraints violated",
+                                                             "Specializations unexpectedly required"))
+
+
 class FixedFramesError(ValueError):
     """An exporter would fix a model's frame count at the example's: the file would be wrong at any other."""
 
 
-def frames_fixed_by(model: nn.Module, format: str) -> str | None:
-    """Why `format` ("ONNX" or "TorchScript") fixes `model`'s frame count before exporting, or None: a Python loop
-    over the frames (the LSTM-S and LSTM-A cells) is unrolled by both exporters. ONNX's front end, torch.export,
-    also unrolls some recurrences (over clips, subsampled frames, stacks of modules): `export_onnx` finds those in
-    the exported graph and refuses them (`FixedFramesError`)."""
+def frames_fixed_by(model: nn.Module) -> str | None:
+    """Why both exporters would fix `model`'s frame count, or None: they unroll a Python loop over the frames (the
+    LSTM-S and LSTM-A cells). torch.export, ONNX's front end, also unrolls some recurrences (over clips, subsampled
+    frames or stacked modules; any nn.LSTM / nn.GRU after a process's first ONNX export, in torch 2.13):
+    `export_onnx` finds those in the exported graph and refuses them (`FixedFramesError`)."""
     if any(isinstance(module, GatedCell) for module in model.modules()):
         return "its LSTM-S / LSTM-A cells loop over the frames in Python, which the exporter unrolls"
     return None
 
 
-def _fixed_frames_message(model: VideoClassifier, name: str) -> str:
-    other = "export it to TorchScript, or " if not frames_fixed_by(model, "TorchScript") else ""
-    return (f"model {name} cannot be exported to ONNX for any frame count: torch.export fixes its frame count at "
-            "the example's (it unrolls recurrences over clips, subsampled frames or stacked modules); "
-            f"{other}use its run or an artifact (yt8m export --format artifact)")
+def _fixed_frames_message(name: str) -> str:
+    return (f"model {name} cannot be exported to ONNX for any frame count: torch.export fixed its frames at the "
+            "example's count, as it does for recurrences over clips, subsampled frames or stacked modules, and, in "
+            "torch 2.13, for any nn.LSTM / nn.GRU after the first ONNX export of a process. Export a model with plain "
+            "LSTM or GRU layers alone in a fresh process (`yt8m export` does); else export it to TorchScript, or use "
+            "its run or an artifact (yt8m export --format artifact)")
 
 
 @contextlib.contextmanager

@@ -208,7 +208,8 @@ class MultiscaleCNNLSTM(VideoClassifier):
         for scale, (conv, rnn) in enumerate(zip(self.convs, self.rnns)):
             if scale > 0:
                 x, _ = subsample_frames(x, num_frames, 2, "max")  # [B, ceil(T / 2), C]
-                num_frames = torch.div(num_frames, 2, rounding_mode="floor").clamp(min=1)
+                # their max(n // 2, 1) for a real video; an empty one stays empty (out of the BatchNorm statistics)
+                num_frames = torch.div(num_frames, 2, rounding_mode="floor").clamp(min=1) * (num_frames > 0)
             x = conv(x, num_frames)  # [B, T_s, C], 0 on padding
             states.append(rnn(x, num_frames, final="memory")[1])  # [B, H]
         return torch.cat(states, -1)
@@ -232,7 +233,7 @@ class ResNet1d(VideoClassifier):
     Every BatchNorm sees the real positions only and returns 0 on padding, every stride maps n real frames to
     ceil(n / 2), so no real output depends on the padding; an empty video pools to 0."""
 
-    default_lr = 0.1
+    default_lr = 1e-3  # Adam's; the paper's 0.1 is SGD's (configs/uts_resnet1d.yaml)
 
     def __init__(self, num_classes: int, stem_channels: int = 512, stem_kernel: int = 7,
                  widths: tuple[int, ...] = (512, 1024, 2048, 4096), blocks: tuple[int, ...] = (3, 4, 6, 3),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from yt8m.data import AUDIO_DIM, RGB_DIM

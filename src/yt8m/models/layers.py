@@ -80,26 +80,23 @@ class MixtureOfExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.class_group or self.num_classes
         if group >= self.num_classes:
-            return self._logits(x, 0, self.num_classes)
-        checkpointed = torch.is_grad_enabled() and self.training
-        parts = []
-        for start in range(0, self.num_classes, group):
-            end = min(start + group, self.num_classes)
-            if checkpointed:
-                parts.append(torch.utils.checkpoint.checkpoint(self._logits, x, start, end, use_reentrant=False))
-            else:
-                parts.append(self._logits(x, start, end))
-        return torch.cat(parts, dim=-1)
+            return self._logits(x, self.gates.weight, self.experts.weight, self.experts.bias)
+        mixtures = self.num_mixtures
+        # views of each group's class-major rows: their backward is one concatenation, not a full-size zero
+        # tensor per group as indexing would make
+        parts = zip(self.gates.weight.split(group * (mixtures + 1)), self.experts.weight.split(group * mixtures),
+                    self.experts.bias.split(group * mixtures))
+        if torch.is_grad_enabled() and self.training:
+            return torch.cat([torch.utils.checkpoint.checkpoint(self._logits, x, *part, use_reentrant=False)
+                              for part in parts], dim=-1)
+        return torch.cat([self._logits(x, *part) for part in parts], dim=-1)
 
-    def _logits(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """The logits of classes [start, end): their rows of the class-major gate and expert weights."""
-        batch, classes, mixtures = x.shape[0], end - start, self.num_mixtures
-        gate_rows = slice(start * (mixtures + 1), end * (mixtures + 1))
-        expert_rows = slice(start * mixtures, end * mixtures)
-        gates = F.linear(x, self.gates.weight[gate_rows]).view(batch, classes, mixtures + 1)
-        log_gates = F.log_softmax(gates, dim=-1)
-        experts = F.linear(x, self.experts.weight[expert_rows], self.experts.bias[expert_rows])
-        experts = experts.view(batch, classes, mixtures)  # [B, C, M]
+    def _logits(self, x: torch.Tensor, gate_weight: torch.Tensor, expert_weight: torch.Tensor,
+                expert_bias: torch.Tensor) -> torch.Tensor:
+        """The logits of the classes whose class-major rows of the gate and expert weights are given."""
+        batch, mixtures = x.shape[0], self.num_mixtures
+        log_gates = F.log_softmax(F.linear(x, gate_weight).view(batch, -1, mixtures + 1), dim=-1)  # [B, C, M + 1]
+        experts = F.linear(x, expert_weight, expert_bias).view(batch, -1, mixtures)  # [B, C, M]
         log_p = torch.logsumexp(log_gates[..., :-1] + F.logsigmoid(experts), dim=-1)
         log_not_p = torch.logsumexp(
             torch.cat([log_gates[..., :-1] + F.logsigmoid(-experts), log_gates[..., -1:]], dim=-1), dim=-1)
@@ -428,13 +425,14 @@ def run_recurrent(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, num_frames: torch.Tens
     """A PyTorch `nn.LSTM` / `nn.GRU` (batch_first, unidirectional) over each video's real frames.
 
     Returns (outputs [B, T, H] of the top layer, 0 on padding frames; final [B, H], the top layer's state after
-    the last real frame: its output h, or with `memory` an LSTM's cell memory c). An empty video runs its first
-    frame, as a video of one frame. Eagerly the frames are packed (`pack_padded_sequence`), so the recurrence stops at each video's
+    the last real frame: its output h, or with `memory` an LSTM's cell memory c). An empty video runs one zero
+    frame for its final state; its outputs are all 0, so each layer of a stack sees it empty too. Eagerly the frames are packed (`pack_padded_sequence`), so the recurrence stops at each video's
     length; inside a captured graph (`packing_enabled`) it runs over the padded frames, and an LSTM's memory
     is recovered from its outputs (`lstm_memory`), which needs a single-layer module.
     On the CPU the recurrence runs in float32 (oneDNN has no bfloat16 LSTM).
     """
-    mask = frame_mask(num_frames.clamp(min=1), x.shape[1]).unsqueeze(-1)  # [B, T, 1]
+    mask = frame_mask(num_frames, x.shape[1]).unsqueeze(-1)  # [B, T, 1]
+    x = x.masked_fill(~mask, 0.0)  # an empty video runs one zero frame
     autocast = torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else contextlib.nullcontext()
     with autocast:
         if x.device.type == "cpu":
@@ -623,7 +621,8 @@ class GatedCell(nn.Module):
     Biases start at 0.1, the forget gates' at `forget_bias` (1.0), as theirs.
 
     x [B, T, M], num_frames [B] -> (outputs h [B, T, N], 0 on padding; final h [B, N]; final c [B, N]) after each
-    video's last real frame (an empty video runs its first frame, as `run_recurrent`). The recurrence is a loop over the frames
+    video's last real frame (an empty video runs one zero frame, as `run_recurrent`). The recurrence runs in
+    float32 under autocast too: its state accumulates over hundreds of steps. The recurrence is a loop over the frames
     (`scan_gated_cell`: see benchmarks/bench_cells.py for the choice of its implementation).
     """
 
@@ -641,13 +640,14 @@ class GatedCell(nn.Module):
         mark_explicit_init(self.input_proj.bias)
 
     def forward(self, x: torch.Tensor, num_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if x.device.type == "cpu":
-            x = x.float()
-        mask = frame_mask(num_frames.clamp(min=1), x.shape[1])  # an empty video runs its first frame
-        pre = self.input_proj(x)  # [B, T, G]: the input's part of every gate, for all frames at once
-        weight = self.recurrent.weight.to(pre.dtype)
+        real = frame_mask(num_frames, x.shape[1]).unsqueeze(-1)  # [B, T, 1]
+        x = x.float().masked_fill(~real, 0.0)  # the state in float32; an empty video runs one zero frame
+        mask = frame_mask(num_frames.clamp(min=1), x.shape[1])
+        with torch.autocast(x.device.type, enabled=False):
+            pre = self.input_proj(x)  # [B, T, G]: the input's part of every gate, for all frames at once
+        weight = self.recurrent.weight.float()
         outputs, h, c = scan_gated_cell(pre, weight, x if self.accumulator else None, mask, self.hidden_size)
-        return outputs.masked_fill(~mask.unsqueeze(-1), 0.0), h, c
+        return outputs.masked_fill(~real, 0.0), h, c
 
 
 def scan_gated_cell(pre: torch.Tensor, weight: torch.Tensor, x: torch.Tensor | None, mask: torch.Tensor,
@@ -813,20 +813,45 @@ class ParallelRecurrent(nn.Module):
         return torch.cat(outputs, -1), torch.cat(finals, -1)
 
 
-def sample_frames_in_order(x: torch.Tensor, num_frames: torch.Tensor, fraction: float,
-                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_frame_order(num_frames: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B, T]: each video's real frames in a random order, then its padding frames. The keys are drawn [T, B], so
+    that frame t of video b gets the same key however many padding frames follow."""
+    real = frame_mask(num_frames, frames)
+    keys = torch.rand(frames, num_frames.shape[0], device=num_frames.device).t().masked_fill(~real, 2.0)
+    return keys.argsort(1)
+
+
+def shuffle_frames(x: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+    """Each video's real frames in a random order, its padding after them (UTS "random order")."""
+    return x.gather(1, random_frame_order(num_frames, x.shape[1]).unsqueeze(-1).expand_as(x))
+
+
+def sample_frames_in_order(x: torch.Tensor, num_frames: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A random `fraction` of each video's real frames, kept in their order and moved to the front:
     x [B, T, D] -> ([B, T, D], counts ceil(fraction * n)), the rest 0 (the 2nd place's 50% frame-sampling
     augmentation, [monkeytyping2017] Appendix A row 11; their code draws one permutation for the whole batch,
     here each video draws its own)."""
-    batch, frames = x.shape[:2]
-    real = frame_mask(num_frames, frames)  # [B, T]
-    # drawn [T, B], so that frame t of video b gets the same key however many padding frames follow
-    keys = torch.rand(frames, batch, device=x.device, generator=generator).t().masked_fill(~real, 2.0)
-    rank = keys.argsort(1).argsort(1)  # each frame's rank among its video's frames, padding last
+    frames = x.shape[1]
+    rank = random_frame_order(num_frames, frames).argsort(1)  # each frame's rank among its video's, padding last
     counts = torch.ceil(num_frames.to(torch.float32) * fraction).long().clamp(max=frames)
     kept = rank < counts[:, None]
     steps = torch.arange(frames, device=x.device)
     order = torch.where(kept, steps, steps + frames).argsort(1)  # kept frames first, in time order
     sampled = x.gather(1, order.unsqueeze(-1).expand_as(x))
     return sampled.masked_fill(~frame_mask(counts, frames).unsqueeze(-1), 0.0), counts
+
+
+class HiddenMixture(nn.Module):
+    """The UTS hierarchical RNN's "hidden MoE" between its two levels ([uts2017] §2.3.1 c): `y = sum_m g_m(x)
+    (W_m x + b_m)`, g a softmax over M experts, no activation on the experts. [N, D] -> [N, out_dim]."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_mixtures: int = 2):
+        super().__init__()
+        self.out_dim, self.num_mixtures = out_dim, num_mixtures
+        self.gates = nn.Linear(in_dim, num_mixtures, bias=False)
+        self.experts = nn.Linear(in_dim, out_dim * num_mixtures)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = torch.softmax(self.gates(x), dim=-1)  # [N, M]
+        experts = self.experts(x).unflatten(-1, (self.num_mixtures, self.out_dim))  # [N, M, out]
+        return (gates.unsqueeze(-1) * experts).sum(-2)

@@ -9,13 +9,16 @@ from torch import nn
 from yt8m.data import AUDIO_DIM, RGB_DIM
 from yt8m.models.base import VideoClassifier
 from yt8m.models.layers import (
+    HiddenMixture,
     ParallelRecurrent,
     RecurrentStack,
     build_classifier,
     frame_mask,
     init_forget_bias,
+    masked_mean,
     run_recurrent,
     sample_frames_in_order,
+    shuffle_frames,
     split_clips,
     subsample_frames,
 )
@@ -80,6 +83,11 @@ register("gru", RecurrentClassifier,
 # [uts2017] §2.3.1 and Tables 2-3 (their code, [uts-code], is not in the offline index: the paper alone).
 
 
+def check_final_state(final_state: str) -> None:
+    if final_state not in ("memory", "output"):
+        raise ValueError(f"final_state must be 'memory' or 'output', got {final_state!r}")
+
+
 class StackedRecurrentClassifier(VideoClassifier):
     """A `RecurrentStack` over the frames -> its final states -> (an optional FC) -> classifier.
 
@@ -87,8 +95,8 @@ class StackedRecurrentClassifier(VideoClassifier):
     (LSTM-A); `first_layer` backward or bidirectional; `input_to_every_layer` (their two-layer LSTM-A);
     `final_state` "memory" (the cell memory c, their LstmMemory models: "the memory cells of the final state are
     used", Appendix A.2) or "output" (h); `final_layers` "all" (every layer's state concatenated, as their code)
-    or "top"; `audio_hidden_size` > 0 makes it the parallel LSTM (rgb and audio each L2-normalised per frame, each
-    read by its own stack, row 9-10); `subsample` k pools every k frames between layers (the temporal-pooling
+    or "top"; `audio_hidden_size` > 0 makes it the parallel LSTM (rgb and audio each read by its own stack, rows
+    9-10; with `input_norm` each modality is L2-normalised per frame on its own, as their code); `subsample` k pools every k frames between layers (the temporal-pooling
     LSTM, row 14, `subsample_mode`); `train_frame_fraction` < 1 trains on that fraction of each video's frames,
     drawn anew every step and kept in order (row 11; evaluation reads every frame); `output_size` > 0 puts a
     linear layer on the states before the classifier (UTS "GRU+fc").
@@ -103,9 +111,9 @@ class StackedRecurrentClassifier(VideoClassifier):
                  num_mixtures: int = 8, input_norm: bool = False, forget_bias: float = 1.0,
                  rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
         super().__init__(num_classes, input_norm)
-        if final_state not in ("memory", "output") or final_layers not in ("top", "all"):
-            raise ValueError(f"final_state must be 'memory' or 'output' and final_layers 'top' or 'all', got "
-                             f"{final_state!r}, {final_layers!r}")
+        check_final_state(final_state)
+        if final_layers not in ("top", "all"):
+            raise ValueError(f"final_layers must be 'top' or 'all', got {final_layers!r}")
         if not 0 < train_frame_fraction <= 1:
             raise ValueError(f"train_frame_fraction must be in (0, 1], got {train_frame_fraction}")
         self.final_state, self.final_layers, self.train_frame_fraction = final_state, final_layers, train_frame_fraction
@@ -135,36 +143,13 @@ class StackedRecurrentClassifier(VideoClassifier):
         return self.output(states) if self.output is not None else states
 
 
-class HiddenMixture(nn.Module):
-    """The UTS hierarchical RNN's "hidden MoE" between its two levels ([uts2017] §2.3.1 c): `y = sum_m g_m(x)
-    (W_m x + b_m)`, g a softmax over M experts, no activation on the experts. [N, D] -> [N, out_dim]."""
-
-    def __init__(self, in_dim: int, out_dim: int, num_mixtures: int = 2):
-        super().__init__()
-        self.out_dim, self.num_mixtures = out_dim, num_mixtures
-        self.gates = nn.Linear(in_dim, num_mixtures, bias=False)
-        self.experts = nn.Linear(in_dim, out_dim * num_mixtures)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates = torch.softmax(self.gates(x), dim=-1)  # [N, M]
-        experts = self.experts(x).unflatten(-1, (self.num_mixtures, self.out_dim))  # [N, M, out]
-        return (gates.unsqueeze(-1) * experts).sum(-2)
-
-
-def shuffle_frames(x: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
-    """Each video's real frames in a random order, its padding after them (UTS "random order")."""
-    real = frame_mask(num_frames, x.shape[1])
-    keys = torch.rand(x.shape[1], x.shape[0], device=x.device).t().masked_fill(~real, 2.0)  # [T, B] drawn
-    return x.gather(1, keys.argsort(1).unsqueeze(-1).expand_as(x))
-
-
 class HierarchicalRecurrentClassifier(VideoClassifier):
     """Two recurrent levels: the frames cut into clips of `clip_frames`, one recurrent layer over each clip (shared
     weights), each clip's final state a step of a second recurrent layer, whose final state is classified.
 
     The 2nd place's temporal-segment LSTM ([monkeytyping2017] §4, row 13: clips of 10, LSTM 1024 at both levels,
     final cell memories, MoE 8; their code runs the clip LSTM over every frame of a clip, here over its real
-    frames) and the UTS hierarchical GRU ([uts2017] §2.3.1 c, Table 3: clips of 15 or 20, a `between` "moe" hidden
+    frames, and its top level over floor(n / 10) clips, here ceil(n / 10): a last partial clip counts) and the UTS hierarchical GRU ([uts2017] §2.3.1 c, Table 3: clips of 15 or 20, a `between` "moe" hidden
     mixture between the levels, dropout 0.5 before the classifier; `layer_norm`: the levels' states layer-normalised,
     where their "LN HGRU" normalises inside the cells, which PyTorch's fused GRU has no place for;
     `shuffle_frames`: "random order", the real frames shuffled in training).
@@ -182,8 +167,7 @@ class HierarchicalRecurrentClassifier(VideoClassifier):
             raise ValueError(f"between must be 'moe' or 'none', got {between!r}")
         if clip_frames < 1:
             raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
-        if final_state not in ("memory", "output"):
-            raise ValueError(f"final_state must be 'memory' or 'output', got {final_state!r}")
+        check_final_state(final_state)
         top_hidden_size = top_hidden_size or hidden_size
         self.clip_frames, self.shuffle, self.final_state = clip_frames, shuffle_frames, final_state
         self.clip_rnn = RecurrentStack(rgb_dim + audio_dim, hidden_size, 1, cell, forget_bias=forget_bias)
@@ -225,6 +209,7 @@ class MultiRateRecurrentClassifier(VideoClassifier):
         super().__init__(num_classes, input_norm)
         if not rates or min(rates) < 1:
             raise ValueError(f"rates must be frame intervals >= 1, got {list(rates)}")
+        check_final_state(final_state)
         self.rates, self.final_state = tuple(rates), final_state
         self.rnns = nn.ModuleList(RecurrentStack(rgb_dim + audio_dim, hidden_size, num_layers, cell,
                                                  forget_bias=forget_bias) for _ in self.rates)
@@ -258,6 +243,9 @@ class ContextRecurrentClassifier(VideoClassifier):
                  classifier: str = "moe", num_mixtures: int = 2, input_norm: bool = False, forget_bias: float = 1.0,
                  rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM):
         super().__init__(num_classes, input_norm)
+        if clip_frames < 1 or context_weight < 0:
+            raise ValueError(f"clip_frames must be >= 1 and context_weight >= 0, got {clip_frames}, {context_weight}")
+        check_final_state(final_state)
         in_dim = rgb_dim + audio_dim
         self.clip_frames, self.context_weight, self.final_state = clip_frames, context_weight, final_state
         self.context = RecurrentStack(in_dim, in_dim, 1, cell, forget_bias=forget_bias)
@@ -288,8 +276,7 @@ class ContextRecurrentClassifier(VideoClassifier):
     def _reconstruction(self, clips, lengths, counts, states) -> torch.Tensor:
         """The mean squared error of the decoded neighbour-clip means, over the clips that have the neighbour."""
         batch = counts.shape[0]
-        means = clips.sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(clips.dtype)  # [B * N, D]
-        means = means.view(batch, -1, means.shape[-1]).detach()  # [B, N, D]
+        means = masked_mean(clips, frame_mask(lengths, clips.shape[1])).view(batch, -1, clips.shape[-1]).detach()
         previous, following = self.decoders(states).view(batch, -1, 2, means.shape[-1]).unbind(2)
         clip = torch.arange(means.shape[1], device=means.device)[None, :]  # [1, N]
         has_previous = ((clip >= 1) & (clip < counts[:, None])).to(means.dtype)  # [B, N]

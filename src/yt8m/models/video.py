@@ -17,8 +17,8 @@ class VideoLevelClassifier(VideoClassifier):
     level = "video"
 
     def __init__(self, num_classes: int, classifier: str = "logistic", num_mixtures: int = 2,
-                 input_norm: bool = True, class_group: int | None = None, rgb_dim: int = RGB_DIM,
-                 audio_dim: int = AUDIO_DIM):
+                 input_norm: bool = True, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM,
+                 class_group: int | None = None):
         super().__init__(num_classes, input_norm)
         self.head = build_classifier(classifier, rgb_dim + audio_dim, num_classes, num_mixtures,
                                      class_group=class_group)
