@@ -29,6 +29,8 @@ tune_host()
 
 import torch  # noqa: E402
 
+from bench_baselines import corpus  # noqa: E402  (the corpus of one run, reused by later runs with the same arguments)
+
 from yt8m.models import build, presets  # noqa: E402
 from yt8m.models.registry import describe  # noqa: E402
 from yt8m.train import TrainConfig, evaluate, load_model, resolve_device, train  # noqa: E402
@@ -64,17 +66,6 @@ def paper_parameters(name: str) -> int:
     with torch.device("meta"):
         model = build(name, num_classes=4716)
     return sum(p.numel() for p in model.parameters())
-
-
-def corpus(directory: Path, videos: int, classes: int, seed: int) -> dict:
-    from yt8m.data.synthetic import synthesize
-    marker = directory / f"corpus-{videos}-{classes}-{seed}.json"
-    if not marker.exists():
-        info = synthesize(directory / "corpus", num_videos=videos, num_classes=classes, seed=seed, overwrite=True,
-                          progress=False)
-        marker.write_text(json.dumps({level: {split: [str(p) for p in paths] for split, paths in splits.items()}
-                                      for level, splits in info.files.items()}))
-    return json.loads(marker.read_text())
 
 
 def run(name: str, files: dict, args, work: Path) -> dict:

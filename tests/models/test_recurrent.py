@@ -121,3 +121,31 @@ def test_the_4th_place_gru_has_the_size_of_the_paper():
     assert 4 * parameters / 2**20 == pytest.approx(243, rel=0.01)  # 242.1
     top_only = sum(p.numel() for p in model.parameters()) - 1200 * 3862 * 5  # an MoE on 1200 inputs: 154 MiB
     assert 4 * top_only / 2**20 < 160
+
+
+def lstm_layer(inputs: int, cells: int) -> int:
+    """nn.LSTM's parameters for one layer: four gates of [input; hidden] weights and two biases each."""
+    return 4 * cells * (inputs + cells) + 2 * 4 * cells
+
+
+def moe(inputs: int, classes: int, mixtures: int) -> int:
+    return inputs * classes * (mixtures + 1) + (inputs + 1) * classes * mixtures
+
+
+@pytest.mark.parametrize("preset, expected", [
+    # row 3: 2 x 1024 LSTM on the 1152-d frames, both layers' memories (2048) into a MoE of 8
+    ("monkeytyping_lstm_memory", lstm_layer(1152, 1024) + lstm_layer(1024, 1024) + moe(2048, 4716, 8)),
+    # row 9: rgb 2 x 1024 and audio 2 x 128 LSTMs, the four memories (2304) into a MoE of 8
+    ("monkeytyping_parallel_lstm", lstm_layer(1024, 1024) + lstm_layer(1024, 1024) + lstm_layer(128, 128)
+     + lstm_layer(128, 128) + moe(2304, 4716, 8)),
+    # row 6: LSTM-S, one projection of x to [o, m (1024 each), i, f] and one of h, the memory into a MoE of 8
+    ("monkeytyping_lstm_s", (1152 + 1) * 2050 + 1024 * 2050 + moe(1024, 4716, 8)),
+    # row 7: LSTM-A, gates [o, m, i, f, i', f'] from x, and from [h; the accumulator's direction (1152)]
+    ("monkeytyping_lstm_a", (1152 + 1) * 2052 + (1024 + 1152) * 2052 + moe(1024, 4716, 8)),
+])
+def test_the_2017_recurrent_presets_have_the_papers_sizes(preset, expected):
+    """Appendix A of [monkeytyping2017] gives cells and mixtures; the counts follow from them (4716 classes)."""
+    from yt8m.models import build
+    with torch.device("meta"):
+        model = build(preset, num_classes=4716)
+    assert sum(p.numel() for p in model.parameters()) == expected
