@@ -48,9 +48,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(name: str, args, device: torch.device) -> dict:
+def bench(name: str, args, device: torch.device, options: dict | None = None) -> dict:
+    """The step's rate of model `name` (with model `options`) under `args` (batch_size, frames, classes,
+    precision, compile, warmup, steps)."""
     torch.manual_seed(0)
-    model = build(name, num_classes=args.classes).to(device).train()
+    model = build(name, num_classes=args.classes, **(options or {})).to(device).train()
     config = TrainConfig(model=name, train_data="-", output="-", num_classes=args.classes,
                          batch_size=args.batch_size, precision=args.precision, compile=args.compile)
     forward = torch.compile(model) if args.compile else model
