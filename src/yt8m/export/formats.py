@@ -18,6 +18,7 @@ its source. yt8m's own loaders never read a `.pt` TorchScript archive as model w
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import types
 import warnings
@@ -110,7 +111,15 @@ def export(model: VideoClassifier, path: str | Path, format: str, opset: int = O
         warnings.filterwarnings("ignore", message=r"# The axis name")
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-        return export_onnx(model, path, opset) if format == "onnx" else export_torchscript(model, path)
+        warnings.filterwarnings("ignore", message=r"_check_is_size will be removed", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")  # nn.LSTM's, harmless
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not
+        level = registration.level  # installed": torch's own notes on operators no yt8m model has
+        registration.setLevel(logging.ERROR)
+        try:
+            return export_onnx(model, path, opset) if format == "onnx" else export_torchscript(model, path)
+        finally:
+            registration.setLevel(level)
 
 
 def export_torchscript(model: VideoClassifier, path: str | Path) -> Path:
@@ -158,13 +167,16 @@ def export_onnx(model: VideoClassifier, path: str | Path, opset: int = ONNX_OPSE
                 custom_translation_table={torch.ops.aten.scaled_dot_product_attention.default:
                                           _attention_translation(getattr(onnxscript, f"opset{opset}"))})
             if model.level == "frame" and isinstance(program.model.graph.inputs[0].shape[1], int):
-                raise FixedFramesError(_fixed_frames_message(name))
+                raise FixedFramesError(_fixed_frames_message(model, name))
             program.save(str(path))
+            if any(isinstance(module, nn.RNNBase) for module in model.modules()):
+                global _RECURRENT_EXPORTED
+                _RECURRENT_EXPORTED = True
         except FixedFramesError:
             raise
         except Exception as error:
             if _fixed_an_axis(error, FRAMES_AXIS):
-                raise FixedFramesError(_fixed_frames_message(name)) from error
+                raise FixedFramesError(_fixed_frames_message(model, name)) from error
             raise RuntimeError(f"model {name} could not be exported to ONNX ({path}): {error}") from error
     return path
 
@@ -196,8 +208,8 @@ def _check_exportable(model: nn.Module, format: str) -> str:
                          f"which the exported signature ({', '.join(INPUT_NAMES)}) has no input for")
     fixed = frames_fixed_by(model)
     if fixed:
-        raise FixedFramesError(f"model {name} cannot be exported to {format} for any frame count: {fixed}; use its "
-                               "run or an artifact (yt8m export --format artifact)")
+        raise FixedFramesError(f"model {name} cannot be exported to {format} with a dynamic frame count: {fixed}; "
+                               "use its run or an artifact (yt8m export --format artifact)")
     devices = {tensor.device for tensor in [*model.parameters(), *model.buffers()]}
     if len(devices) > 1:
         raise ValueError(f"model {name} has parameters on {len(devices)} devices ({', '.join(map(str, devices))}): "
@@ -231,12 +243,22 @@ def frames_fixed_by(model: nn.Module) -> str | None:
     return None
 
 
-def _fixed_frames_message(name: str) -> str:
-    return (f"model {name} cannot be exported to ONNX for any frame count: torch.export fixed its frames at the "
-            "example's count, as it does for recurrences over clips, subsampled frames or stacked modules, and, in "
-            "torch 2.13, for any nn.LSTM / nn.GRU after the first ONNX export of a process. Export a model with plain "
-            "LSTM or GRU layers alone in a fresh process (`yt8m export` does); else export it to TorchScript, or use "
-            "its run or an artifact (yt8m export --format artifact)")
+_RECURRENT_EXPORTED = False  # whether this process has exported a model with nn.LSTM / nn.GRU to ONNX
+
+
+def _fixed_frames_message(model: nn.Module, name: str) -> str:
+    """Why torch.export fixed `model`'s frame count: a recurrence over clips or subsampled frames, or, in torch
+    2.13, an nn.LSTM / nn.GRU exported after another one in the same process."""
+    clips = ("it unrolls recurrences over clips or subsampled frames, whose counts follow the input's: export it "
+             "to TorchScript")
+    if _RECURRENT_EXPORTED and any(isinstance(module, nn.RNNBase) for module in model.modules()):
+        cause = ("this process has already exported a recurrent model to ONNX, after which torch 2.13 unrolls every "
+                 "nn.LSTM / nn.GRU: export this one alone in a fresh process (`yt8m export` makes one export per "
+                 f"process); refused there too, {clips}")
+    else:
+        cause = clips
+    return (f"model {name} cannot be exported to ONNX with a dynamic frame count (torch.export fixed it at the "
+            f"example's): {cause}, or use its run or an artifact (yt8m export --format artifact)")
 
 
 @contextlib.contextmanager
