@@ -141,7 +141,6 @@ RECURRENT_ONNX_CHECK = """
 import sys, warnings
 import torch
 warnings.simplefilter("ignore")
-sys.path.insert(0, sys.argv[2])
 from test_formats import NUM_FRAMES, batch, random_model
 import onnxruntime
 from yt8m.export.formats import export_onnx
@@ -162,8 +161,8 @@ def test_a_recurrent_model_exports_to_onnx_for_every_frame_count_in_a_fresh_proc
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     tests = Path(__file__).resolve().parent
-    result = subprocess.run([sys.executable, "-c", RECURRENT_ONNX_CHECK, str(tmp_path / "lstm.onnx"), str(tests),
-                             str(tests.parent)], capture_output=True, text=True, timeout=600,
+    result = subprocess.run([sys.executable, "-c", RECURRENT_ONNX_CHECK, str(tmp_path / "lstm.onnx")],
+                            capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])})
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from yt8m.models import build
-from yt8m.models.conv import MultiscaleCNNLSTM, ResNet1d, TextCNN, strided_frames
+from yt8m.models.conv import MultiscaleCNNLSTM, ResNet1d, TextCNN
+from yt8m.models.layers import ceil_frames
 
 CLASSES = 5
 
@@ -107,7 +108,7 @@ def test_multiscale_trains_every_scale_with_its_own_loss():
 
 
 def test_strided_frames_is_ceil_division():
-    assert strided_frames(torch.tensor([0, 1, 2, 3, 7, 8, 300]), 2).tolist() == [0, 1, 1, 2, 4, 4, 150]
+    assert ceil_frames(torch.tensor([0, 1, 2, 3, 7, 8, 300]), 2).tolist() == [0, 1, 1, 2, 4, 4, 150]
 
 
 def test_resnet_downsampled_lengths_and_padding_invariance():

@@ -155,14 +155,18 @@ class AttentionVLAD(nn.Module):
             return masked_softmax(scores, mask).to(x.dtype)
         return torch.softmax(scores, dim=-1) * mask.unsqueeze(-1).to(scores.dtype)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                constraint: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the pooled vector [B, K * D], the constraint [B], or None without `constraint`)."""
         x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
         centers = self.cluster_centers.to(x.dtype)
         assignment = self.assignment(x, mask)  # [B, T, K]
         residuals = torch.bmm(assignment.transpose(1, 2), x) - assignment.sum(1).unsqueeze(-1) * centers  # [B, K, D]
+        pooled = l2_normalize(l2_normalize(residuals).flatten(1))
+        if not constraint:
+            return pooled, None
         distances = x.square().sum(-1, keepdim=True) - 2 * x @ centers.t() + centers.square().sum(-1)  # [B, T, K]
-        constraint = (assignment * distances).sum((1, 2))  # [B]
-        return l2_normalize(l2_normalize(residuals).flatten(1)), constraint
+        return pooled, (assignment * distances).sum((1, 2))  # [B]
 
 
 class AttentionVLADClassifier(VideoClassifier):
@@ -182,19 +186,13 @@ class AttentionVLADClassifier(VideoClassifier):
         self.pool = AttentionVLAD(rgb_dim + audio_dim, num_clusters, attention_dim, normalize_over)
         self.head = build_classifier(classifier, self.pool.out_dim, num_classes, num_mixtures)
 
-    def pooled(self, rgb, audio, num_frames) -> tuple[torch.Tensor, torch.Tensor]:
+    def features_and_extra(self, rgb, audio, num_frames):
         x = self.inputs(rgb, audio)  # [B, T, D]
-        return self.pool(x, frame_mask(num_frames, x.shape[1]))
+        features, constraint = self.pool(x, frame_mask(num_frames, x.shape[1]), constraint=self.training)
+        return features, None if constraint is None else self.constraint_weight * constraint.mean()
 
     def forward_features(self, rgb, audio, num_frames):
-        return self.pooled(rgb, audio, num_frames)[0]
-
-    def forward(self, rgb, audio, num_frames, cascade=None):
-        features, constraint = self.pooled(rgb, audio, num_frames)
-        logits = self.forward_head(features, cascade)
-        if not self.training:
-            return logits
-        return {"logits": logits, "extra_loss": self.constraint_weight * constraint.mean()}
+        return self.features_and_extra(rgb, audio, num_frames)[0]
 
 
 class MultiHopAttentionGRU(VideoClassifier):

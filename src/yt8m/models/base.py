@@ -52,11 +52,20 @@ class VideoClassifier(nn.Module):
             raise ValueError(f"model {model_name(self)} is not a cascade: it takes no upstream predictions")
         return self.head(features, cascade)
 
+    def features_and_extra(self, rgb: torch.Tensor, audio: torch.Tensor,
+                           num_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the pooled video vector, the model's own unsupervised loss term or None). A model with such a term
+        (AttnVLAD's constraint, the context encoder's reconstruction) overrides this, giving the term in training
+        mode only; `forward` then returns it as the training output's "extra_loss"."""
+        return self.forward_features(rgb, audio, num_frames), None
+
     def forward(self, rgb: torch.Tensor, audio: torch.Tensor, num_frames: torch.Tensor,
-                cascade: torch.Tensor | None = None) -> torch.Tensor:
+                cascade: torch.Tensor | None = None) -> torch.Tensor | dict:
         """`cascade` [B, C]: the upstream models' averaged probabilities, for a cascade model only (its head is a
         `models.cascade.CascadeHead`)."""
-        return self.forward_head(self.forward_features(rgb, audio, num_frames), cascade)
+        features, extra = self.features_and_extra(rgb, audio, num_frames)
+        logits = self.forward_head(features, cascade)
+        return logits if extra is None else {"logits": logits, "extra_loss": extra}
 
     def loss(self, outputs: torch.Tensor | dict, labels: torch.Tensor,
              weights: torch.Tensor | None = None) -> torch.Tensor:

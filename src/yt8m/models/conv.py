@@ -21,6 +21,7 @@ from yt8m.models.layers import (
     RecurrentStack,
     TemporalConv,
     build_classifier,
+    ceil_frames,
     frame_mask,
     l2_normalize,
     mark_explicit_init,
@@ -31,12 +32,6 @@ from yt8m.models.layers import (
     subsample_frames,
 )
 from yt8m.models.registry import register
-
-
-def strided_frames(num_frames: torch.Tensor, stride: int) -> torch.Tensor:
-    """The real frame count after a stride-`stride` layer whose window is centred on frame `stride * j`
-    (padding (k - 1) / 2): output j is real when frame `stride * j` is, so ceil(n / stride)."""
-    return torch.div(num_frames + stride - 1, stride, rounding_mode="floor")
 
 
 class MaskedConvNorm(nn.Module):
@@ -57,7 +52,7 @@ class MaskedConvNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.conv(x.transpose(1, 2)).transpose(1, 2)  # [B, T', C_out]
-        num_frames = strided_frames(num_frames, self.stride)
+        num_frames = ceil_frames(num_frames, self.stride)  # output j is real when frame stride * j is
         out = masked_batch_norm(self.norm, out, frame_mask(num_frames, out.shape[1]))
         return (torch.relu(out) if self.relu else out), num_frames
 
@@ -263,7 +258,7 @@ class ResNet1d(VideoClassifier):
         # max-pool 3 wide, stride 2, centred: the padding is 0 and the ReLU outputs >= 0, so zeros never change a
         # real window's max (unfold, as F.max_pool1d's padding makes torch.export fix the frame count)
         x = F.pad(x, (0, 0, 1, 1)).unfold(1, 3, 2).amax(-1)  # [B, ceil(T / 2), C]
-        counts = strided_frames(counts, 2)
+        counts = ceil_frames(counts, 2)
         for block in self.blocks:
             x, counts = block(x, counts)
         return masked_mean(x, frame_mask(counts, x.shape[1]))  # [B, widths[-1]]

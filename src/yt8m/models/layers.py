@@ -420,8 +420,8 @@ def packing_enabled() -> bool:
     return not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
-def run_recurrent(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, num_frames: torch.Tensor,
-                  memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def run_recurrent(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, num_frames: torch.Tensor, memory: bool = False,
+                  lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A PyTorch `nn.LSTM` / `nn.GRU` (batch_first, unidirectional) over each video's real frames.
 
     Returns (outputs [B, T, H] of the top layer, 0 on padding frames; final [B, H], the top layer's state after
@@ -429,7 +429,8 @@ def run_recurrent(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, num_frames: torch.Tens
     frame for its final state; its outputs are all 0, so each layer of a stack sees it empty too. Eagerly the frames are packed (`pack_padded_sequence`), so the recurrence stops at each video's
     length; inside a captured graph (`packing_enabled`) it runs over the padded frames, and an LSTM's memory
     is recovered from its outputs (`lstm_memory`), which needs a single-layer module.
-    On the CPU the recurrence runs in float32 (oneDNN has no bfloat16 LSTM).
+    On the CPU the recurrence runs in float32 (oneDNN has no bfloat16 LSTM). `lengths`: num_frames on the CPU,
+    when the caller has them (packing needs them there: a stack reads them off the device once, not per layer).
     """
     mask = frame_mask(num_frames, x.shape[1]).unsqueeze(-1)  # [B, T, 1]
     x = x.masked_fill(~mask, 0.0)  # an empty video runs one zero frame
@@ -438,7 +439,7 @@ def run_recurrent(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, num_frames: torch.Tens
         if x.device.type == "cpu":
             x = x.float()
         if packing_enabled():
-            lengths = num_frames.clamp(min=1, max=x.shape[1]).cpu()
+            lengths = (num_frames.cpu() if lengths is None else lengths).clamp(min=1, max=x.shape[1])
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
             out, state = rnn(packed)
             outputs, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
@@ -472,6 +473,11 @@ def lstm_memory(rnn: nn.LSTM, x: torch.Tensor, outputs: torch.Tensor, num_frames
     return (weights * torch.sigmoid(input_gate) * torch.tanh(cell)).sum(1)
 
 
+def ceil_frames(num_frames: torch.Tensor, k: int) -> torch.Tensor:
+    """The frame counts after grouping every k frames (a last partial group counts): ceil(n / k)."""
+    return torch.div(num_frames + k - 1, k, rounding_mode="floor")
+
+
 def subsample_frames(x: torch.Tensor, num_frames: torch.Tensor, k: int, mode: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
     """Every k adjacent frames into one: x [B, T, D] -> ([B, ceil(T / k), D], frame counts ceil(n / k)).
     `mode` "max" or "mean" pools the real frames of each window; "select" keeps each window's last real frame
@@ -492,7 +498,7 @@ def subsample_frames(x: torch.Tensor, num_frames: torch.Tensor, k: int, mode: st
         pooled = x.gather(1, kept_frame.unsqueeze(-1).expand(-1, -1, x.shape[-1])).transpose(1, 2)
     else:
         raise ValueError(f"subsampling mode must be 'max', 'mean' or 'select', got {mode!r}")
-    counts = torch.div(num_frames + k - 1, k, rounding_mode="floor")
+    counts = ceil_frames(num_frames, k)
     kept = frame_mask(counts, pooled.shape[-1]).unsqueeze(1)  # [B, 1, T']
     return pooled.masked_fill(~kept, 0.0).transpose(1, 2), counts
 
@@ -506,7 +512,7 @@ def split_clips(x: torch.Tensor, num_frames: torch.Tensor, clip_frames: int) -> 
     clips = padded.unfold(1, clip_frames, clip_frames).transpose(2, 3)  # [B, N, L, D]
     starts = torch.arange(clips.shape[1], device=x.device) * clip_frames  # [N]
     lengths = (num_frames.long()[:, None] - starts[None, :]).clamp(min=0, max=clip_frames)  # [B, N]
-    counts = torch.div(num_frames.long() + clip_frames - 1, clip_frames, rounding_mode="floor")
+    counts = ceil_frames(num_frames.long(), clip_frames)
     return clips.reshape(-1, clip_frames, x.shape[-1]), lengths.reshape(-1), counts
 
 
@@ -753,32 +759,35 @@ class RecurrentStack(nn.Module):
                      for i in range(self.num_layers)]
         return per_layer[-1] if layers == "top" else sum(per_layer)
 
-    def _run(self, layer: nn.Module, x: torch.Tensor, num_frames: torch.Tensor, final: str):
+    def _run(self, layer: nn.Module, x: torch.Tensor, num_frames: torch.Tensor, final: str,
+             lengths: torch.Tensor | None = None):
         if isinstance(layer, GatedCell):
             outputs, h, c = layer(x, num_frames)
             return outputs, c if final == "memory" else h
-        return run_recurrent(layer, x, num_frames, memory=final == "memory")
+        return run_recurrent(layer, x, num_frames, memory=final == "memory", lengths=lengths)
 
     def forward(self, x: torch.Tensor, num_frames: torch.Tensor, final: str = "memory",
                 layers: str = "top") -> tuple[torch.Tensor, torch.Tensor]:
         if final not in ("memory", "output") or layers not in ("top", "all"):
             raise ValueError(f"final must be 'memory' or 'output' and layers 'top' or 'all', got {final!r}, {layers!r}")
+        lengths = num_frames.cpu() if packing_enabled() and self.cell in ("lstm", "gru") else None
         inputs, finals, below = x, [], x
         for index, layer in enumerate(self.layers):
             if index > 0 and self.input_to_every_layer:
                 below = torch.cat([inputs.to(below.dtype), below], -1)
             if index > 0 and self.subsample > 1:
                 below, num_frames = subsample_frames(below, num_frames, self.subsample, self.subsample_mode)
+                lengths = None if lengths is None else ceil_frames(lengths, self.subsample)
             if index == 0 and self.first_layer != "forward":
                 outputs, state = self._run(layer if self.first_layer == "backward" else self.backward_layer,
-                                           reverse_frames(below, num_frames), num_frames, final)
+                                           reverse_frames(below, num_frames), num_frames, final, lengths)
                 outputs = reverse_frames(outputs, num_frames)
                 if self.first_layer == "bidirectional":
-                    forward_outputs, forward_state = self._run(layer, below, num_frames, final)
+                    forward_outputs, forward_state = self._run(layer, below, num_frames, final, lengths)
                     outputs = torch.cat([forward_outputs, outputs], -1)
                     state = torch.cat([forward_state, state], -1)
             else:
-                outputs, state = self._run(layer, below, num_frames, final)
+                outputs, state = self._run(layer, below, num_frames, final, lengths)
             finals.append(state)
             below = outputs
         return below, (finals[-1] if layers == "top" else torch.cat(finals, -1))

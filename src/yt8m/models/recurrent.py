@@ -253,25 +253,19 @@ class ContextRecurrentClassifier(VideoClassifier):
         self.rnn = RecurrentStack(in_dim, hidden_size, num_layers, cell, forget_bias=forget_bias)
         self.head = build_classifier(classifier, self.rnn.final_dim("top"), num_classes, num_mixtures)
 
-    def _encode(self, rgb, audio, num_frames):
-        """(the stack's final state [B, H], what the reconstruction term needs)."""
+    def features_and_extra(self, rgb, audio, num_frames):
         x = self.inputs(rgb, audio)  # [B, T, D]
         batch, frames, dim = x.shape
         clips, lengths, counts = split_clips(x, num_frames, self.clip_frames)  # [B * N, L, D]
         context, states = self.context(clips, lengths, "output")  # [B * N, L, D], [B * N, D]
         context = context.reshape(batch, -1, dim)[:, :frames]  # [B, T, D]: back in time order
         _, video = self.rnn(x + context.detach().to(x.dtype), num_frames, self.final_state)
-        return video, (clips, lengths, counts, states)
+        if not self.training:
+            return video, None
+        return video, self.context_weight * self._reconstruction(clips, lengths, counts, states)
 
     def forward_features(self, rgb, audio, num_frames):
-        return self._encode(rgb, audio, num_frames)[0]
-
-    def forward(self, rgb, audio, num_frames, cascade=None):
-        video, clip_states = self._encode(rgb, audio, num_frames)
-        logits = self.forward_head(video, cascade)
-        if not self.training:
-            return logits
-        return {"logits": logits, "extra_loss": self.context_weight * self._reconstruction(*clip_states)}
+        return self.features_and_extra(rgb, audio, num_frames)[0]
 
     def _reconstruction(self, clips, lengths, counts, states) -> torch.Tensor:
         """The mean squared error of the decoded neighbour-clip means, over the clips that have the neighbour."""
