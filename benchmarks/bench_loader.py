@@ -3,6 +3,14 @@ dequantized to float32, against a standard tf.data pipeline on the same files wh
 is installed (it is not a dependency: `pip install tensorflow-cpu` to get the comparison).
 
     python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 5]
+        [--modes float prepare uint8]
+
+The yt8m pipelines, each with 0 (a prefetch thread), 1, 2... loader worker processes (kept
+from one epoch to the next, as over a real epoch of millions of videos they start once):
+- float: `make_loader(dequantize=True)`, float32 frames made in the loader (CPU training);
+- prepare: uint8 batches, then `prepare_batch(batch, "cpu")` in the consuming thread (the
+  path before the loader could dequantize);
+- uint8: uint8 batches alone, what a GPU's input pipeline needs from the CPU.
 
 Each pipeline runs in a process of its own (so that one's threads, allocator and CPU clock
 do not touch another's), with the host settings of the yt8m command line (`yt8m.host`;
@@ -55,9 +63,17 @@ def write_shards(directory: Path, videos: int, shards: int, seed: int = 0) -> li
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process (all its threads) and of its finished children (loader workers)."""
+    """CPU time of this process (all its threads) and of its children (loader workers), live or finished."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    total = time.process_time() + children.ru_utime + children.ru_stime
+    for stat in Path("/proc").glob("[0-9]*/stat"):  # live children (persistent workers); Linux only
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+        except OSError:  # it exited meanwhile: counted above once reaped
+            continue
+        if int(fields[1]) == os.getpid():
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def epoch_rate(batches, touch) -> tuple[float, float]:
@@ -68,13 +84,14 @@ def epoch_rate(batches, touch) -> tuple[float, float]:
     return videos / (time.perf_counter() - start), videos / (cpu_seconds() - cpu_start)
 
 
-def yt8m_pipeline(paths: list[str], workers: int):
+def yt8m_pipeline(paths: list[str], mode: str, workers: int):
     loader = make_loader(paths, batch_size=BATCH, max_frames=MAX_FRAMES, num_classes=NUM_CLASSES,
-                         num_workers=workers)
+                         num_workers=workers, dequantize=mode == "float", persistent_workers=True)
 
     def touch(batch):
-        ready = prepare_batch(batch, "cpu")  # uint8 -> float32, padding zeroed
-        return ready["rgb"].shape[0]
+        if mode != "uint8":
+            batch = prepare_batch(batch, "cpu")  # float32, padding zeroed (unchanged when already float32)
+        return batch["rgb"].shape[0]
 
     return loader, touch
 
@@ -108,16 +125,24 @@ def tensorflow_pipeline(paths: list[str]):
     return dataset, lambda batch: int(batch["rgb"].shape[0])
 
 
-TENSORFLOW = "tensorflow"  # the other pipelines are named by their number of loader workers
+TENSORFLOW = "tensorflow"  # the other pipelines are named MODE:WORKERS
+MODES = {"float": "float32 made in the loader", "prepare": "uint8 + prepare_batch", "uint8": "uint8 only"}
 
 
 def pipeline_name(spec: str) -> str:
-    return "tf.data (AUTOTUNE parallel parse)" if spec == TENSORFLOW else f"yt8m make_loader, {spec} worker(s)"
+    if spec == TENSORFLOW:
+        return "tf.data (AUTOTUNE parallel parse)"
+    mode, workers = spec.split(":")
+    return f"yt8m {MODES[mode]}, {workers} worker(s)"
 
 
 def serve(spec: str, paths: list[str], warmup: int) -> None:
     """One pipeline's process: warm up, then run one timed epoch per line read from stdin."""
-    made = tensorflow_pipeline(paths) if spec == TENSORFLOW else yt8m_pipeline(paths, int(spec))
+    if spec == TENSORFLOW:
+        made = tensorflow_pipeline(paths)
+    else:
+        mode, workers = spec.split(":")
+        made = yt8m_pipeline(paths, mode, int(workers))
     if made is None:
         print(json.dumps({"missing": True}), flush=True)
         return
@@ -134,6 +159,8 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["float", "prepare", "uint8"],
+                        help="yt8m pipelines, each with every --workers count")
     parser.add_argument("--epochs", type=int, default=5, help="timed rounds (medians are reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed epochs per pipeline before the rounds")
     parser.add_argument("--no-tensorflow", action="store_true", help="leave tf.data out even when installed")
@@ -157,7 +184,8 @@ def main() -> None:
             paths = write_shards(Path(tmp), args.videos, args.shards)
         size = sum(os.path.getsize(p) for p in paths) / 2**20
         print(f"data: {len(paths)} shards, {size:.0f} MiB", flush=True)
-        specs = [str(workers) for workers in args.workers] + ([] if args.no_tensorflow else [TENSORFLOW])
+        specs = [f"{mode}:{workers}" for mode in args.modes for workers in args.workers]
+        specs += [] if args.no_tensorflow else [TENSORFLOW]
         servers = {}
         for spec in specs:  # started one after another, so that warm-ups do not overlap
             name = pipeline_name(spec)
@@ -190,16 +218,18 @@ def main() -> None:
         width = max(map(len, rates))
         for name, values in rates.items():
             wall, cpu = zip(*values)
-            print(f"{name:{width}s} {statistics.median(wall):8.0f} videos/s, {1000 / statistics.median(cpu):6.3f} "
-                  f"CPU-ms/video  (epochs: {', '.join(f'{v:.0f}' for v in wall)} videos/s)")
+            print(f"{name:{width}s} {statistics.median(wall):8.0f} videos/s median, {max(wall):8.0f} best, "
+                  f"{1000 / statistics.median(cpu):6.3f} CPU-ms/video  (epochs: {', '.join(f'{v:.0f}' for v in wall)})")
         reference = rates.get(pipeline_name(TENSORFLOW))
         if reference is not None:
+            best_reference = max(r[0] for r in reference)
             for name, values in rates.items():
                 if values is not reference:
                     wall = [v[0] / r[0] for v, r in zip(values, reference)]
                     cpu = [v[1] / r[1] for v, r in zip(values, reference)]
-                    print(f"{name} / tf.data: {statistics.median(wall):5.2f}x videos/s, {statistics.median(cpu):5.2f}x "
-                          "videos per CPU second (medians of the rounds' ratios)")
+                    print(f"{name:{width}s} / tf.data: {max(v[0] for v in values) / best_reference:5.2f}x best round "
+                          f"against best round, {statistics.median(wall):5.2f}x median of the rounds' ratios, "
+                          f"{statistics.median(cpu):5.2f}x videos per CPU second")
 
 
 if __name__ == "__main__":

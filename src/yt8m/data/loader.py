@@ -1,16 +1,20 @@
 """Streaming batches of YouTube-8M records for training and evaluation.
 
-The dataset yields whole batches (collated in the worker, features kept uint8). Shards are
+The dataset yields whole batches (collated in the worker; frames kept uint8 for the device
+to dequantize, or dequantized to float32 in the same pass for CPU training). Shards are
 split across distributed ranks and DataLoader workers so that each record is read once per
 epoch; when there are fewer files than readers, the readers of one file take its records in
 turn. Shuffling is a per-epoch file shuffle plus a bounded buffer, so memory never grows
-with the number of shards.
+with the number of shards. Each reader reuses a small ring of frame buffers (shared memory
+in worker processes) instead of allocating and faulting in a fresh one per batch.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import random
+import sys
 import threading
 import zlib
 from collections.abc import Iterator
@@ -55,7 +59,8 @@ class YT8MDataset(IterableDataset):
                  sampling: str = "all", num_samples: int | None = None, num_classes: int = 3862,
                  shuffle: bool = False, shuffle_buffer: int = 1024, seed: int = 0, drop_last: bool = False,
                  on_error: str = "raise", check_crc: bool = True, rank: int | None = None,
-                 world_size: int | None = None, seed_per_video: bool = False):
+                 world_size: int | None = None, seed_per_video: bool = False, dequantize: bool = False,
+                 buffers: int = 5):
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         if sampling not in SAMPLINGS:
@@ -63,6 +68,8 @@ class YT8MDataset(IterableDataset):
         for name, value in (("batch_size", batch_size), ("max_frames", max_frames), ("num_classes", num_classes)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if buffers < 0:
+            raise ValueError(f"buffers must be >= 0, got {buffers}")
         ErrorPolicy(on_error)  # validates the value
         self.files = expand_paths(paths)
         self.level = level
@@ -83,7 +90,23 @@ class YT8MDataset(IterableDataset):
         self.world_size = default_size if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.dequantize = dequantize
+        self.buffers = buffers
         self.epoch = 0
+        self._ring: tuple[int, object, FrameRing] | None = None  # (process id, returns row, ring): see frame_ring
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_ring"] = None  # a process's own buffers (a spawned worker makes its own)
+        return state
+
+    def frame_ring(self, returned: torch.Tensor | None = None) -> FrameRing:
+        """This reader's ring of frame buffers: one per process (a forked worker does not reuse its parent's) and
+        per `returned` row (see `FrameRing`)."""
+        key = (os.getpid(), None if returned is None else returned.data_ptr())
+        if self._ring is None or self._ring[:2] != key:
+            self._ring = (*key, FrameRing(self.buffers, returned))
+        return self._ring[2]
 
     def set_epoch(self, epoch: int) -> None:
         """Changes the shuffle order (the same on every rank and worker for a given epoch)."""
@@ -124,9 +147,15 @@ class YT8MDataset(IterableDataset):
         """The batches; skipped records are reported in one warning when the iteration ends or is closed."""
         return _delivered(self.stream(), ReadStats())
 
-    def stream(self) -> Iterator[tuple[dict | CorruptRecordError | None, ReadStats]]:
-        """`(batch, statistics since the previous item)` pairs, then `(None, the rest)`, so that
-        the counts of worker processes reach the main process with the batches.
+    def stream(self, returned: torch.Tensor | None = None) -> Iterator[tuple[dict | CorruptRecordError | None,
+                                                                              ReadStats, tuple[int, int] | None]]:
+        """`(batch, statistics since the previous item, ring slot)` triples, then `(None, the rest,
+        None)`, so that the counts of worker processes reach the main process with the batches.
+
+        In a DataLoader worker, `returned` is the worker's row of the loader's shared flags (see
+        `FrameRing`) and the slot, (worker id, index), names the ring buffer that holds the batch's
+        frames (None in-process or outside the ring), for the main process to hand back once it no
+        longer uses it.
 
         A corrupt record that is not skipped ends the stream as `(error, statistics)`: the
         CorruptRecordError itself reaches the main process (raised in a DataLoader worker, it
@@ -137,6 +166,13 @@ class YT8MDataset(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         consumer = self.rank * num_workers + worker_id
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
+        ring = self.frame_ring(returned if worker else None)
+
+        def item(examples: list[dict]) -> tuple[dict, ReadStats, tuple[int, int] | None]:
+            """Yielded unnamed: no frame here holds a batch while the next one is made (its buffer stays busy)."""
+            batch, slot = self.collate(examples, rng, ring)
+            return batch, policy.take(len(examples)), None if slot is None or ring.returned is None else (worker_id, slot)
+
         policy = ErrorPolicy(self.on_error)
         records = (example for path, every in self.assignment(consumer, self.world_size * num_workers)
                    for _, _, example in iter_records([path], self.level, policy, copy=False, check_crc=self.check_crc,
@@ -148,17 +184,23 @@ class YT8MDataset(IterableDataset):
             for example in records:
                 batch.append(example)
                 if len(batch) == self.batch_size:
-                    yield self.collate(batch, rng), policy.take(len(batch))
+                    yield item(batch)
                     batch = []
         except CorruptRecordError as error:
-            yield error, policy.take()
+            yield error, policy.take(), None
             return
         if batch and not self.drop_last:
-            yield self.collate(batch, rng), policy.take(len(batch))
-        yield None, policy.take()
+            yield item(batch)
+        yield None, policy.take(), None
 
-    def collate(self, examples: list[dict], rng: np.random.Generator) -> dict:
-        """A list of decoded records -> one batch (uint8 frames zero padded to a fixed length)."""
+    def collate(self, examples: list[dict], rng: np.random.Generator,
+                ring: FrameRing | None = None) -> tuple[dict, int | None]:
+        """A list of decoded records -> (one batch, the ring slot of its frames or None).
+
+        Frames are zero padded to a fixed length: uint8, or with `dequantize` float32 made in the
+        same pass as the gather (each video's frames converted, then dequantized in place while
+        they are in cache; padding exact zeros), the values `prepare_batch` gives on a CPU.
+        """
         size = len(examples)
         labels = np.zeros((size, self.num_classes), np.float32)
         counts = [len(example["labels"]) for example in examples]
@@ -169,27 +211,28 @@ class YT8MDataset(IterableDataset):
             batch["rgb"] = torch.from_numpy(np.stack([e["mean_rgb"] for e in examples]))
             batch["audio"] = torch.from_numpy(np.stack([e["mean_audio"] for e in examples]))
             batch["num_frames"] = torch.ones(size, dtype=torch.int64)
-            return batch
+            return batch, None
         length = self.max_frames if self.sampling == "all" else self.num_samples
-        in_worker = get_worker_info() is not None  # shared memory comes zero-filled from the kernel
-        frames = {key: _uint8_buffer((size, length, dim), shared=in_worker) for key, dim in FRAME_DIMS.items()}
-        views = {key: out.numpy() for key, out in frames.items()}  # [B, T, D], sharing the tensors' memory
+        dtype = torch.float32 if self.dequantize else torch.uint8
+        shapes = {key: (size, length, dim) for key, dim in FRAME_DIMS.items()}
+        ring = ring or FrameRing(0)
+        frames, slot, zeroed = ring.take(shapes, dtype, shared=get_worker_info() is not None)
         num_frames = np.zeros(size, np.int64)
         per_video = self.seed_per_video and self.sampling != "all"
+        fill = _fill_float if self.dequantize else _fill_uint8
+        targets = {key: out if self.dequantize else out.numpy() for key, out in frames.items()}
         for i, example in enumerate(examples):
             draws = np.random.default_rng([self.seed, zlib.crc32(example["id"].encode())]) if per_video else rng
             index = self._frame_index(example["rgb"].shape[0], length, draws)
             count = num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
-            for key, out in views.items():
-                out[i, :count] = example[key][index]
-                if not in_worker:
-                    out[i, count:] = 0
+            for key, out in targets.items():
+                fill(out[i], example[key][index], count, zeroed)
         batch.update(frames)
         batch["num_frames"] = torch.from_numpy(num_frames)
         if self.level == "segment":
             for key in SEGMENT_KEYS:
                 batch[key] = [torch.from_numpy(np.array(example[key])) for example in examples]
-        return batch
+        return batch, slot
 
     def _frame_index(self, available: int, length: int, rng: np.random.Generator) -> slice | np.ndarray:
         if self.sampling == "all" or available == 0:
@@ -202,13 +245,141 @@ class YT8MDataset(IterableDataset):
         return slice(start, start + count)
 
 
-def _uint8_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """An uninitialised uint8 tensor; with `shared`, a zero-filled one in shared memory (what the
-    kernel gives), so that handing the batch from a worker to the main process copies nothing."""
-    if not shared:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+# With OpenMP, torch.set_num_threads applies to the calling thread only (its OpenMP setting), so a
+# loader thread can run its kernels alone without changing the training step's threads.
+_PER_THREAD_POOL = "OpenMP" in torch.__config__.parallel_info()  # references to a storage from tensors and its Python object
+
+
+class FrameRing:
+    """The reusable frame buffers of one reader (a process, its prefetch thread or a DataLoader
+    worker): a ring of at most `capacity` storages, each holding one batch's rgb and audio frames.
+
+    A buffer is reused only once no batch uses it any more. In-process, that is when the ring
+    holds the only reference to its storage (a consumer's batch, or any view of its frames, is
+    one). In a worker process the main process holds the batch: `returned` is the worker's row
+    of a shared flag table, which the worker sets when it hands a buffer out and the main
+    process clears once it no longer uses the buffer (`SlotReturns`). When every buffer is in
+    use, a batch gets a fresh buffer outside the ring: a consumer that keeps many batches is
+    neither overwritten nor blocked.
+    """
+
+    def __init__(self, capacity: int, returned: torch.Tensor | None = None):
+        if returned is not None and len(returned) < capacity:
+            raise ValueError(f"{len(returned)} return flags for a ring of {capacity} buffers")
+        self.capacity = capacity if _use_count is not None else 0  # without it, no buffer is known free
+        self.returned = returned
+        self.storages: list[torch.UntypedStorage] = []
+        self.lock = threading.Lock()  # two iterations of one dataset in one process share the ring
+
+    def take(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+             shared: bool) -> tuple[dict[str, torch.Tensor], int | None, bool]:
+        """(tensors of `shapes` in one buffer, its slot or None outside the ring, whether they are
+        zero-filled): uninitialised, or in shared memory with `shared` (zero-filled when fresh)."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        nbytes = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize
+        with self.lock:
+            slot = self._free_slot()
+            if slot is None or self.storages[slot].nbytes() < nbytes:
+                storage = _storage(nbytes, shared)
+                if slot is not None:  # a smaller one: replaced
+                    self.storages[slot] = storage
+                elif len(self.storages) < self.capacity:
+                    slot = len(self.storages)
+                    self.storages.append(storage)
+                fresh = True
+            else:
+                storage, fresh = self.storages[slot], False
+            if slot is not None and self.returned is not None:
+                self.returned[slot] = 1  # out until the main process hands it back
+            tensors, offset = {}, 0
+            for key, shape in shapes.items():  # made under the lock: they hold the buffer from here on
+                tensors[key] = torch.empty(0, dtype=dtype).set_(storage, offset, shape)
+                offset += int(np.prod(shape))
+        return tensors, slot, fresh and shared
+
+    def _free_slot(self) -> int | None:
+        for slot in range(len(self.storages)):
+            if not self.returned[slot] if self.returned is not None else _unused(self.storages, slot):
+                return slot
+        return None
+
+
+def _references(storages: list | dict, slot) -> tuple[int, int]:
+    """(references to the memory of `storages[slot]`: from tensors and its Python object, references
+    to its Python object), as counted from here."""
+    storage = storages[slot]
+    return _use_count(storage._cdata), sys.getrefcount(storage)
+
+
+# What _references counts for a storage that its container alone holds (measured, not assumed,
+# since the interpreter's own references differ between Python versions).
+_ALONE = _references([torch.UntypedStorage(0)], 0) if _use_count is not None else None
+
+
+def _unused(storages: list | dict, slot) -> bool:
+    """Whether `storages[slot]` is held by `storages` alone: no tensor on it (a batch, or any view
+    of its frames) and no other reference to its Python object."""
+    return _references(storages, slot) == _ALONE
+
+
+def _storage(nbytes: int, shared: bool) -> torch.UntypedStorage:
+    """Uninitialised bytes, or zero-filled shared memory (what the kernel gives), so that handing
+    a batch from a worker to the main process copies nothing."""
+    return torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)
+
+
+class SlotReturns:
+    """The main process's side of its DataLoader workers' frame rings (`FrameRing`).
+
+    `flags` [workers, capacity] in shared memory: set by a worker when it hands a buffer out,
+    cleared here once the main process no longer uses it: at once for a batch the pin-memory
+    thread copied, else when no batch or view of its frames is left (checked as each batch
+    arrives). The buffers handed back stay mapped here, so that their next batches map and
+    fault in nothing new.
+    """
+
+    def __init__(self, workers: int, capacity: int):
+        self.flags = torch.zeros((workers, max(1, capacity)), dtype=torch.uint8).share_memory_()
+        self.storages: dict[tuple[int, int], torch.UntypedStorage] = {}  # the last one received in each slot
+        self.pending: set[tuple[int, int]] = set()  # slots received and not handed back
+
+    def received(self, batch: dict, slot: tuple[int, int]) -> None:
+        storage = batch["rgb"].untyped_storage()
+        if storage.is_shared():
+            self.storages[slot] = storage
+            self.pending.add(slot)
+        else:  # the pin-memory thread's copy: the worker's buffer has been read
+            self.flags[slot] = 0
+
+    def sweep(self) -> None:
+        for slot in [slot for slot in self.pending if _unused(self.storages, slot)]:
+            self.pending.discard(slot)
+            self.flags[slot] = 0
+
+
+def _fill_uint8(out: np.ndarray, frames: np.ndarray, count: int, zeroed: bool) -> None:
+    """One video's row [T, D] of a uint8 batch: its frames, then zero padding."""
+    out[:count] = frames
+    if not zeroed:
+        out[count:] = 0
+
+
+_BIAS = torch.tensor(DEQUANT_BIAS, dtype=torch.float32)
+
+
+def _fill_float(out: torch.Tensor, frames: np.ndarray, count: int, zeroed: bool) -> None:
+    """One video's row [T, D] of a float32 batch: its dequantized frames, then exact zeros.
+
+    The uint8 frames (a read-only strided view of the record) are converted into the row, then
+    dequantized in place while they are in cache, with the fused multiply-add of `prepare_batch`.
+    """
+    if count:
+        real = out[:count]
+        np.copyto(real.numpy(), frames, casting="unsafe")
+        torch.add(_BIAS, real, alpha=DEQUANT_SCALE, out=real)
+    if not zeroed:
+        out[count:].zero_()
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -224,7 +395,7 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
-def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats]],
+def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats, int | None]],
                stats: ReadStats) -> Iterator[dict]:
     """The batches of `YT8MDataset.stream()` items, their statistics merged into `stats`; a
     CorruptRecordError item is raised.
@@ -235,12 +406,13 @@ def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats
     to the code iterating.
     """
     try:
-        for batch, delta in items:
+        for batch, delta, _ in items:
             stats.merge(delta)
             if isinstance(batch, CorruptRecordError):
                 raise batch
             if batch is not None:
                 yield batch
+            del batch  # not held while the next one is made
     finally:
         close = getattr(items, "close", None)  # generators have it; a DataLoader iterator does not
         if close is not None:
@@ -250,13 +422,33 @@ def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats
 
 
 class _Stream(IterableDataset):
-    """A dataset's `stream()` as an IterableDataset, for the DataLoader of `YT8MLoader`."""
+    """A dataset's `stream()` as an IterableDataset, for the DataLoader of `YT8MLoader`.
 
-    def __init__(self, dataset: YT8MDataset):
+    `epoch`: with persistent worker processes, which keep the copy of the dataset they started
+    with, the pass's epoch in shared memory; `returned`: the workers' shared return flags
+    (`SlotReturns.flags`).
+    """
+
+    def __init__(self, dataset: YT8MDataset, persistent_workers: bool):
         self.dataset = dataset
+        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_() if persistent_workers else None
+        self.returned: torch.Tensor | None = None
 
-    def __iter__(self) -> Iterator[tuple[dict | None, ReadStats]]:
-        return self.dataset.stream()
+    def __iter__(self) -> Iterator[tuple[dict | None, ReadStats, int | None]]:
+        worker = get_worker_info()
+        if self.epoch is not None:
+            self.dataset.set_epoch(int(self.epoch))
+        return self.dataset.stream(None if worker is None or self.returned is None else self.returned[worker.id])
+
+
+def _returning(items: Iterator[tuple], returns: SlotReturns) -> Iterator[tuple]:
+    """The items of worker processes, their ring slots noted in `returns` as they arrive."""
+    for batch, stats, slot in items:
+        returns.sweep()
+        if slot is not None and isinstance(batch, dict):
+            returns.received(batch, tuple(slot))  # the DataLoader hands tuples over as lists
+        yield batch, stats, slot
+        del batch
 
 
 class YT8MLoader:
@@ -268,11 +460,13 @@ class YT8MLoader:
         self.epoch = 0
         self.num_workers = num_workers
         self.prefetch_thread = prefetch_thread and num_workers == 0
+        self.persistent_workers = persistent_workers and num_workers > 0
         self._stats = ReadStats()
+        self._stream = _Stream(dataset, self.persistent_workers)
+        self._returns: SlotReturns | None = None
         self._loader = DataLoader(
-            _Stream(dataset), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-            prefetch_factor=prefetch_factor if num_workers else None,
-            persistent_workers=persistent_workers and num_workers > 0,
+            self._stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=self.persistent_workers,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -296,9 +490,17 @@ class YT8MLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.epoch)
+        if self._stream.epoch is not None:
+            self._stream.epoch.fill_(self.epoch)
         self.epoch += 1
         self._stats = ReadStats()
+        if self.num_workers and (self._returns is None or not self.persistent_workers):
+            # new worker processes start with new rings (persistent ones keep theirs, and their flags)
+            self._returns = SlotReturns(self.num_workers, self.dataset.buffers)
+            self._stream.returned = self._returns.flags
         items = iter(self._loader)
+        if self.num_workers:
+            items = _returning(items, self._returns)
         return _delivered(_in_thread(items, depth=2) if self.prefetch_thread else items, self._stats)
 
 
@@ -324,10 +526,13 @@ def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
         return False
 
     def produce() -> None:
+        if _PER_THREAD_POOL:  # this thread's kernels alone: one frame row is too small to share, and waking
+            torch.set_num_threads(1)  # sleeping OpenMP threads for it cost 5x the work itself
         try:
             for batch in batches:
                 if not put(batch):
                     return
+                del batch  # not held while the next one is made
             put(done)
         except BaseException as error:  # handed to the consumer
             put(error)
@@ -342,6 +547,7 @@ def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
             if isinstance(item, BaseException):
                 raise item
             yield item
+            del item  # not held while waiting for the next one
     finally:
         stop.set()
         thread.join()
@@ -352,7 +558,8 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
                 seed: int = 0, *, num_samples: int | None = None, shuffle_buffer: int = 1024,
                 drop_last: bool = False, on_error: str = "raise", check_crc: bool = True,
                 pin_memory: bool = False, prefetch_factor: int | None = None, prefetch_thread: bool = True,
-                rank: int | None = None, world_size: int | None = None, seed_per_video: bool = False) -> YT8MLoader:
+                rank: int | None = None, world_size: int | None = None, seed_per_video: bool = False,
+                dequantize: bool = False, buffers: int = 5, persistent_workers: bool = False) -> YT8MLoader:
     """Batches of YouTube-8M records, streamed from TFRecord shards.
 
     Each batch is a dict: `id` (list of str), `labels` (float32 multi-hot [B, num_classes]),
@@ -370,7 +577,13 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     initialised) and DataLoader worker. With `shuffle`, the file order changes every epoch
     and records pass through a buffer of `shuffle_buffer` records. With `num_workers=0`, batches
     are made in a background thread (`prefetch_thread`) two ahead of the consumer. Dequantize
-    on the device: `prepare_batch(batch, device)`. A corrupt record (or one with a label outside
+    on the device: `prepare_batch(batch, device)`; for training on a CPU, `dequantize=True` makes
+    float32 frames in the loader instead, in the same pass as the gather (in the worker
+    processes or the prefetch thread, not in the training loop), the values `prepare_batch`
+    gives. Each reader reuses a ring of `buffers` frame buffers (shared memory in worker
+    processes; 0: a fresh buffer per batch): a buffer is reused only once no batch or view of
+    its frames is left, and a consumer that keeps batches gets fresh ones. `persistent_workers`
+    keeps the worker processes (and their buffers) from one pass to the next. A corrupt record (or one with a label outside
     [0, num_classes)) raises CorruptRecordError in the consumer, from worker processes too, or
     with `on_error="skip"` is skipped, counted in `loader.stats()` and reported in one warning per
     pass: records lost under intact framing one by one, the bytes skipped after broken framing as
@@ -378,9 +591,10 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     the length of the next pass.
     """
     dataset = YT8MDataset(paths, level, batch_size, max_frames, sampling, num_samples, num_classes, shuffle,
-                          shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size, seed_per_video)
+                          shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size, seed_per_video,
+                          dequantize, buffers)
     return YT8MLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
-                      prefetch_thread=prefetch_thread)
+                      persistent_workers=persistent_workers, prefetch_thread=prefetch_thread)
 
 
 def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = True) -> dict:

@@ -415,7 +415,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, rank: int, world_s
         loader = make_loader(config.train_data, level=model.level, batch_size=batch_size,
                              max_frames=config.max_frames, num_classes=config.num_classes, shuffle=True,
                              num_workers=config.num_workers, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
-                             on_error=config.on_error, pin_memory=device.type == "cuda", **sampling)
+                             on_error=config.on_error, pin_memory=device.type == "cuda",
+                             dequantize=device.type == "cpu", **sampling)  # on a CPU, float32 made in the loader
     optimizer = torch.optim.Adam(model.parameters(), lr=base_lr)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
 

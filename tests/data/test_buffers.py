@@ -1,0 +1,223 @@
+"""The loader's reused frame buffers (`FrameRing`, `SlotReturns`) and its float32 batches (`dequantize`)."""
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_frame_example
+from yt8m.data import dequantize, make_loader, prepare_batch, write_examples
+from yt8m.data.loader import FrameRing, SlotReturns
+
+MAX_FRAMES = 12
+
+
+@pytest.fixture
+def shards(tmp_path, rng):
+    """4 frame-level shards of 6 videos with 1..24 frames (longer and shorter than MAX_FRAMES, so that
+    a reused buffer's rows were real frames before and are padding now, and the other way)."""
+    truth = {}
+    lengths = rng.permutation(np.arange(1, 25))
+    for shard in range(4):
+        examples = []
+        for i in range(6):
+            number = shard * 6 + i
+            example = make_frame_example(rng, f"v{number:02d}", int(lengths[number]), labels=(number % 10,))
+            truth[example["id"]] = example
+            examples.append(example)
+        write_examples(tmp_path / f"train{shard:04d}.tfrecord", examples, "frame")
+    return str(tmp_path / "train*.tfrecord"), truth
+
+
+def expected_frames(example: dict, key: str, dequantized: bool) -> np.ndarray:
+    """A video's padded [MAX_FRAMES, D] row as the loader must give it (sampling "all")."""
+    frames = example[key][:MAX_FRAMES]
+    row = np.zeros((MAX_FRAMES, frames.shape[1]), np.float32 if dequantized else np.uint8)
+    if dequantized:  # prepare_batch's fused multiply-add, computed by torch on the uint8 values
+        row[:len(frames)] = prepare_batch({key: torch.from_numpy(frames[None].copy()),
+                                           "num_frames": torch.tensor([len(frames)])}, "cpu")[key][0].numpy()
+    else:
+        row[:len(frames)] = frames
+    return row
+
+
+def assert_batch_holds(batch_rows: dict, truth: dict, dequantized: bool) -> None:
+    """`batch_rows`: {video id: {key: row}}; each row must be the video's frames, its padding zeros."""
+    for video_id, rows in batch_rows.items():
+        for key, row in rows.items():
+            np.testing.assert_array_equal(np.asarray(row), expected_frames(truth[video_id], key, dequantized),
+                                          err_msg=f"{video_id} {key}")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("sampling", ["all", "random", "subsequence"])
+def test_dequantized_batches_are_prepare_batch_bit_for_bit(shards, num_workers, sampling):
+    pattern, _ = shards
+    options = dict(batch_size=5, max_frames=MAX_FRAMES, num_classes=10, sampling=sampling, num_samples=7,
+                   seed_per_video=True, num_workers=num_workers)
+    quantized = list(make_loader(pattern, **options))
+    floats = list(make_loader(pattern, dequantize=True, **options))
+    assert len(quantized) == len(floats)
+    for raw, made in zip(quantized, floats):
+        ready = prepare_batch(raw, "cpu")
+        assert made["id"] == raw["id"]
+        for key in ("rgb", "audio"):
+            assert made[key].dtype == torch.float32
+            assert torch.equal(made[key], ready[key])  # bit for bit, the padding exact zeros
+        assert torch.equal(made["num_frames"], raw["num_frames"]) and torch.equal(made["labels"], raw["labels"])
+        assert prepare_batch(made, "cpu")["rgb"] is made["rgb"]  # already float32: left as it is
+    first = floats[0]["rgb"][0, :int(floats[0]["num_frames"][0])]
+    np.testing.assert_allclose(first.numpy(), dequantize(quantized[0]["rgb"][0, :len(first)]).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("prefetch_thread", [False, True])
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_released_buffers_are_reused_in_process(shards, prefetch_thread, dequantized):
+    pattern, truth = shards
+    # in flight at most: 2 queued by the prefetch thread, the one it fills, the consumer's and the
+    # one it holds while fetching the next: the default ring of 5 (2 without the thread)
+    loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=5,
+                         prefetch_thread=prefetch_thread, dequantize=dequantized)
+    for _ in range(2):
+        pointers, rows = set(), {}
+        for batch in loader:  # each batch dropped when the next one comes
+            pointers.add(batch["rgb"].untyped_storage().data_ptr())
+            for i, video_id in enumerate(batch["id"]):
+                rows[video_id] = {key: batch[key][i].numpy().copy() for key in ("rgb", "audio")}
+        assert len(rows) == 24 and len(pointers) <= (5 if prefetch_thread else 2)  # 12 batches
+        assert_batch_holds(rows, truth, dequantized)
+
+
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_released_buffers_are_reused_by_worker_processes(shards, dequantized):
+    pattern, truth = shards
+    loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=5, num_workers=2,
+                         persistent_workers=True, dequantize=dequantized)
+    for _ in range(2):
+        pointers, rows = set(), {}
+        for batch in loader:
+            pointers.add(batch["rgb"].untyped_storage().data_ptr())  # the main process keeps each buffer mapped
+            for i, video_id in enumerate(batch["id"]):
+                rows[video_id] = {key: batch[key][i].numpy().copy() for key in ("rgb", "audio")}
+        assert len(rows) == 24 and len(pointers) <= 2 * 5
+        assert_batch_holds(rows, truth, dequantized)
+
+
+@pytest.mark.parametrize("num_workers,prefetch_thread", [(0, False), (0, True), (2, False)])
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_no_batch_is_overwritten_while_the_consumer_holds_it(shards, num_workers, prefetch_thread, dequantized):
+    """The consumer keeps every batch in one of four ways: its frame tensors, a view of some frames
+    only, a NumPy view, or the storage's Python object alone; rings of 2 buffers run out at once."""
+    pattern, truth = shards
+    loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=2,
+                         num_workers=num_workers, prefetch_thread=prefetch_thread, dequantize=dequantized)
+    kept = []
+    for number, batch in enumerate(loader):
+        way = number % 4
+        if way == 0:
+            kept.append((batch["id"], {key: batch[key] for key in ("rgb", "audio")}))
+        elif way == 1:
+            kept.append((batch["id"], {"rgb": batch["rgb"][:, :MAX_FRAMES]}))  # a view: the audio is not kept
+        elif way == 2:
+            kept.append((batch["id"], {"audio": batch["audio"].numpy()}))
+        else:
+            storage, dtype, shape = batch["rgb"].untyped_storage(), batch["rgb"].dtype, batch["rgb"].shape
+            kept.append((batch["id"], (storage, dtype, shape, batch["rgb"].storage_offset())))
+        del batch
+    seen = collections.Counter()
+    for ids, held in kept:
+        seen.update(ids)
+        if isinstance(held, tuple):  # the frames rebuilt from the storage alone
+            storage, dtype, shape, offset = held
+            held = {"rgb": torch.empty(0, dtype=dtype).set_(storage, offset, shape)}
+        for i, video_id in enumerate(ids):
+            assert_batch_holds({video_id: {key: frames[i] for key, frames in held.items()}}, truth, dequantized)
+    assert seen == collections.Counter(truth.keys())
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (1, 2), (2, 1), (3, 2)])
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_every_record_read_once_per_epoch_with_reused_buffers(shards, world_size, num_workers, dequantized):
+    pattern, truth = shards
+    loaders = [make_loader(pattern, batch_size=3, max_frames=MAX_FRAMES, num_classes=10, shuffle=True,
+                           shuffle_buffer=4, num_workers=num_workers, rank=rank, world_size=world_size, buffers=2,
+                           dequantize=dequantized, persistent_workers=num_workers > 0)
+               for rank in range(world_size)]
+    orders = []
+    for _ in range(2):  # the second epoch refills buffers that held other videos
+        seen, rows, order = collections.Counter(), {}, []
+        for loader in loaders:
+            for batch in loader:
+                seen.update(batch["id"])
+                order += batch["id"]
+                for i, video_id in enumerate(batch["id"]):
+                    rows[video_id] = {key: batch[key][i].numpy().copy() for key in ("rgb", "audio")}
+        assert seen == collections.Counter(truth.keys())
+        assert_batch_holds(rows, truth, dequantized)
+        orders.append(order)
+    assert orders[0] != orders[1]  # persistent workers see the new epoch's shuffle too
+
+
+def test_persistent_workers_follow_the_epoch(shards):
+    pattern, _ = shards
+    options = dict(batch_size=3, max_frames=MAX_FRAMES, num_classes=10, shuffle=True, shuffle_buffer=4, num_workers=2)
+    persistent = make_loader(pattern, persistent_workers=True, **options)
+    fresh = make_loader(pattern, **options)
+    for epoch in (0, 1, 5):
+        persistent.set_epoch(epoch)
+        fresh.set_epoch(epoch)
+        assert [b["id"] for b in persistent] == [b["id"] for b in fresh]
+
+
+def test_ring_takes_a_buffer_back_only_when_nothing_uses_it():
+    ring = FrameRing(2)
+    shapes = {"rgb": (2, 3, 4), "audio": (2, 3, 2)}
+    first, slot, zeroed = ring.take(shapes, torch.float32, shared=False)
+    assert slot == 0 and not zeroed and first["rgb"].shape == (2, 3, 4) and first["audio"].shape == (2, 3, 2)
+    assert first["audio"].storage_offset() == 2 * 3 * 4  # one buffer: rgb, then audio
+    view = first["audio"][1]
+    del first
+    second, slot, _ = ring.take(shapes, torch.float32, shared=False)
+    assert slot == 1  # slot 0 is still viewed
+    _, slot, _ = ring.take(shapes, torch.float32, shared=False)
+    assert slot is None  # both in use: a fresh buffer outside the ring
+    del view
+    again, slot, _ = ring.take(shapes, torch.float32, shared=False)
+    assert slot == 0
+    storage = again["rgb"].untyped_storage()
+    del again
+    _, slot, _ = ring.take(shapes, torch.float32, shared=False)
+    assert slot is None  # slot 0's storage object is still referenced; slot 1 by `second`
+    del storage, second
+    _, slot, _ = ring.take({"rgb": (4, 3, 4), "audio": (4, 3, 2)}, torch.uint8, shared=False)
+    assert slot == 0  # large enough for another shape too
+    assert FrameRing(0).take(shapes, torch.uint8, shared=False)[1] is None
+
+
+def test_worker_ring_and_main_process_returns():
+    returns = SlotReturns(workers=2, capacity=3)
+    ring = FrameRing(3, returns.flags[1])  # worker 1's ring
+    frames, slot, zeroed = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8, shared=True)
+    assert slot == 0 and zeroed and frames["rgb"].is_shared() and not frames["rgb"].any()
+    assert returns.flags.tolist() == [[0, 0, 0], [1, 0, 0]]
+    _, other, _ = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8, shared=True)
+    assert other == 1  # slot 0 is out until the main process hands it back
+    batch = {"rgb": frames["rgb"], "audio": frames["audio"]}
+    del ring  # the worker's references live in another process
+    returns.received(batch, (1, 0))
+    returns.sweep()
+    assert returns.flags[1, 0] == 1  # the consumer still holds the batch
+    del frames, batch
+    returns.sweep()
+    assert returns.flags[1, 0] == 0 and (1, 0) not in returns.pending
+    assert (1, 0) in returns.storages  # kept mapped for its next batches
+    copied = {"rgb": torch.zeros(2, 3, 4, dtype=torch.uint8)}  # what the pin-memory thread hands on: a copy
+    returns.flags[0, 2] = 1
+    returns.received(copied, (0, 2))
+    assert returns.flags[0, 2] == 0
+
+
+def test_bad_buffer_count(shards):
+    with pytest.raises(ValueError, match="buffers"):
+        make_loader(shards[0], buffers=-1)
