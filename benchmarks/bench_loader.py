@@ -3,7 +3,7 @@ dequantized to float32, against a standard tf.data pipeline on the same files wh
 is installed (it is not a dependency: `pip install tensorflow-cpu` to get the comparison).
 
     python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 5]
-        [--modes float prepare uint8]
+        [--modes float prepare uint8] [--buffers 0 5]
 
 The yt8m pipelines, each with 0 (a prefetch thread), 1, 2... loader worker processes (kept
 from one epoch to the next, as over a real epoch of millions of videos they start once):
@@ -84,9 +84,9 @@ def epoch_rate(batches, touch) -> tuple[float, float]:
     return videos / (time.perf_counter() - start), videos / (cpu_seconds() - cpu_start)
 
 
-def yt8m_pipeline(paths: list[str], mode: str, workers: int):
+def yt8m_pipeline(paths: list[str], mode: str, workers: int, buffers: int):
     loader = make_loader(paths, batch_size=BATCH, max_frames=MAX_FRAMES, num_classes=NUM_CLASSES,
-                         num_workers=workers, dequantize=mode == "float", persistent_workers=True)
+                         num_workers=workers, dequantize=mode == "float", persistent_workers=True, buffers=buffers)
 
     def touch(batch):
         if mode != "uint8":
@@ -125,24 +125,47 @@ def tensorflow_pipeline(paths: list[str]):
     return dataset, lambda batch: int(batch["rgb"].shape[0])
 
 
-TENSORFLOW = "tensorflow"  # the other pipelines are named MODE:WORKERS
+def ceiling_pipeline(paths: list[str]):
+    """No decoding: one cast of a ready uint8 batch into a reused float32 batch per 64 videos, on every
+    core (torch's threads): the rate at which this machine can write float32 batches at all."""
+    from yt8m.data import count_records_many
+
+    videos = sum(count_records_many(paths))
+    frames = torch.randint(0, 256, (BATCH, MAX_FRAMES, 1024 + 128), dtype=torch.uint8)
+    out = torch.empty(frames.shape, dtype=torch.float32)
+
+    class Epoch:
+        def __iter__(self):
+            for start in range(0, videos, BATCH):
+                out.copy_(frames)  # reads 22 MB, writes 88 MB
+                yield min(BATCH, videos - start)
+
+    return Epoch(), lambda count: count
+
+
+TENSORFLOW = "tensorflow"  # the other pipelines are named MODE:WORKERS:BUFFERS
+CEILING = "ceiling"
 MODES = {"float": "float32 made in the loader", "prepare": "uint8 + prepare_batch", "uint8": "uint8 only"}
 
 
 def pipeline_name(spec: str) -> str:
     if spec == TENSORFLOW:
         return "tf.data (AUTOTUNE parallel parse)"
-    mode, workers = spec.split(":")
-    return f"yt8m {MODES[mode]}, {workers} worker(s)"
+    if spec == CEILING:
+        return "ceiling: casting a ready uint8 batch to float32"
+    mode, workers, buffers = spec.split(":")
+    return f"yt8m {MODES[mode]}, {workers} worker(s)" + (", no buffer reuse" if buffers == "0" else "")
 
 
 def serve(spec: str, paths: list[str], warmup: int) -> None:
     """One pipeline's process: warm up, then run one timed epoch per line read from stdin."""
     if spec == TENSORFLOW:
         made = tensorflow_pipeline(paths)
+    elif spec == CEILING:
+        made = ceiling_pipeline(paths)
     else:
-        mode, workers = spec.split(":")
-        made = yt8m_pipeline(paths, mode, int(workers))
+        mode, workers, buffers = spec.split(":")
+        made = yt8m_pipeline(paths, mode, int(workers), int(buffers))
     if made is None:
         print(json.dumps({"missing": True}), flush=True)
         return
@@ -161,9 +184,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["float", "prepare", "uint8"],
                         help="yt8m pipelines, each with every --workers count")
+    parser.add_argument("--buffers", type=int, nargs="+", default=[5],
+                        help="frame buffers reused per reader (make_loader's buffers; 0: a fresh one per batch)")
     parser.add_argument("--epochs", type=int, default=5, help="timed rounds (medians are reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed epochs per pipeline before the rounds")
     parser.add_argument("--no-tensorflow", action="store_true", help="leave tf.data out even when installed")
+    parser.add_argument("--ceiling", action="store_true", help="also time casting a ready uint8 batch to float32 "
+                        "(no decoding) on every core: what this machine's memory allows any float32 pipeline")
     parser.add_argument("--data", help="existing frame-level files (glob) instead of generated shards")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one pipeline's process
     parser.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)
@@ -184,8 +211,10 @@ def main() -> None:
             paths = write_shards(Path(tmp), args.videos, args.shards)
         size = sum(os.path.getsize(p) for p in paths) / 2**20
         print(f"data: {len(paths)} shards, {size:.0f} MiB", flush=True)
-        specs = [f"{mode}:{workers}" for mode in args.modes for workers in args.workers]
+        specs = [f"{mode}:{workers}:{buffers}" for mode in args.modes for workers in args.workers
+                 for buffers in args.buffers]
         specs += [] if args.no_tensorflow else [TENSORFLOW]
+        specs += [CEILING] if args.ceiling else []
         servers = {}
         for spec in specs:  # started one after another, so that warm-ups do not overlap
             name = pipeline_name(spec)

@@ -89,11 +89,13 @@ def test_released_buffers_are_reused_in_process(shards, prefetch_thread, dequant
         assert_batch_holds(rows, truth, dequantized)
 
 
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # no accelerator here: nothing is pinned
+@pytest.mark.parametrize("pin_memory", [False, True])  # True: buffers travel as storages, not by slot
 @pytest.mark.parametrize("dequantized", [False, True])
-def test_released_buffers_are_reused_by_worker_processes(shards, dequantized):
+def test_released_buffers_are_reused_by_worker_processes(shards, dequantized, pin_memory):
     pattern, truth = shards
     loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=5, num_workers=2,
-                         persistent_workers=True, dequantize=dequantized)
+                         persistent_workers=True, dequantize=dequantized, pin_memory=pin_memory)
     for _ in range(2):
         pointers, rows = set(), {}
         for batch in loader:
@@ -221,3 +223,35 @@ def test_worker_ring_and_main_process_returns():
 def test_bad_buffer_count(shards):
     with pytest.raises(ValueError, match="buffers"):
         make_loader(shards[0], buffers=-1)
+
+
+@pytest.mark.parametrize("level", ["video", "segment"])
+def test_worker_batches_travel_packed_and_arrive_as_tensors(tmp_path, rng, level):
+    """Labels as indices, the rest as NumPy arrays by value, rebuilt in the main process: the same
+    batches as in-process, down to dtypes (frames too, when a reused buffer travels as its slot)."""
+    if level == "video":
+        examples = [{"id": f"v{i}", "labels": np.array([i % 5, 7]), "mean_rgb": rng.random(1024, np.float32),
+                     "mean_audio": rng.random(128, np.float32)} for i in range(30)]
+    else:
+        examples = [dict(make_frame_example(rng, f"s{i}", 3 + i % 9, labels=()),
+                         segment_start_times=np.array([0, 5 * i]), segment_labels=np.array([2, i % 8]),
+                         segment_scores=np.array([1.0, 0.0], np.float32)) for i in range(30)]
+    for shard in range(2):
+        write_examples(tmp_path / f"{level}{shard}.tfrecord", examples[shard::2], level)
+    options = dict(level=level, batch_size=4, num_classes=8, max_frames=6)
+    reference = {}
+    for batch in make_loader(tmp_path, **options):
+        for i, video_id in enumerate(batch["id"]):
+            reference[video_id] = {key: value[i] for key, value in batch.items() if key != "id"}
+    loader = make_loader(tmp_path, num_workers=2, persistent_workers=True, buffers=2, **options)
+    for epoch in range(2):  # reused buffers' frames come by slot, from the main process's mapping
+        seen = set()
+        for batch in loader:
+            assert batch["labels"].dtype == torch.float32 and batch["num_frames"].dtype == torch.int64
+            for i, video_id in enumerate(batch["id"]):
+                seen.add(video_id)
+                for key, expected in reference[video_id].items():
+                    got = batch[key][i]
+                    assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype, key
+                    assert torch.equal(got, expected), (video_id, key)
+        assert seen == set(reference)

@@ -147,15 +147,17 @@ class YT8MDataset(IterableDataset):
         """The batches; skipped records are reported in one warning when the iteration ends or is closed."""
         return _delivered(self.stream(), ReadStats())
 
-    def stream(self, returned: torch.Tensor | None = None) -> Iterator[tuple[dict | CorruptRecordError | None,
-                                                                              ReadStats, tuple[int, int] | None]]:
+    def stream(self, returned: torch.Tensor | None = None,
+               by_slot: bool = False) -> Iterator[tuple[dict | CorruptRecordError | None, ReadStats, tuple | None]]:
         """`(batch, statistics since the previous item, ring slot)` triples, then `(None, the rest,
         None)`, so that the counts of worker processes reach the main process with the batches.
 
         In a DataLoader worker, `returned` is the worker's row of the loader's shared flags (see
-        `FrameRing`) and the slot, (worker id, index), names the ring buffer that holds the batch's
-        frames (None in-process or outside the ring), for the main process to hand back once it no
-        longer uses it.
+        `FrameRing`) and the slot, (worker id, index, layout), names the ring buffer that holds the
+        batch's frames (None in-process or outside the ring), for the main process to hand back once
+        it no longer uses it. With `by_slot`, a buffer the main process has already mapped does not
+        travel again: the batch comes without its frames and `layout` ({key: (dtype, offset, shape)})
+        says how to rebuild them from the main process's mapping (`SlotReturns.rebuild`).
 
         A corrupt record that is not skipped ends the stream as `(error, statistics)`: the
         CorruptRecordError itself reaches the main process (raised in a DataLoader worker, it
@@ -168,10 +170,18 @@ class YT8MDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
         ring = self.frame_ring(returned if worker else None)
 
-        def item(examples: list[dict]) -> tuple[dict, ReadStats, tuple[int, int] | None]:
+        def item(examples: list[dict]) -> tuple[dict, ReadStats, tuple | None]:
             """Yielded unnamed: no frame here holds a batch while the next one is made (its buffer stays busy)."""
-            batch, slot = self.collate(examples, rng, ring)
-            return batch, policy.take(len(examples)), None if slot is None or ring.returned is None else (worker_id, slot)
+            batch, slot = self.collate(examples, rng, ring, packed=worker is not None)
+            stats = policy.take(len(examples))
+            if slot is None or ring.returned is None:
+                return batch, stats, None
+            if not by_slot or slot not in ring.announced:
+                ring.announced.add(slot)  # its storage travels with this batch; the main process keeps it mapped
+                return batch, stats, (worker_id, slot, None)
+            layout = {key: (str(batch[key].dtype).removeprefix("torch."), batch[key].storage_offset(),
+                            tuple(batch.pop(key).shape)) for key in FRAME_DIMS}
+            return batch, stats, (worker_id, slot, layout)  # the main process rebuilds the frames from its mapping
 
         policy = ErrorPolicy(self.on_error)
         records = (example for path, every in self.assignment(consumer, self.world_size * num_workers)
@@ -193,24 +203,27 @@ class YT8MDataset(IterableDataset):
             yield item(batch)
         yield None, policy.take(), None
 
-    def collate(self, examples: list[dict], rng: np.random.Generator,
-                ring: FrameRing | None = None) -> tuple[dict, int | None]:
+    def collate(self, examples: list[dict], rng: np.random.Generator, ring: FrameRing | None = None,
+                packed: bool = False) -> tuple[dict, int | None]:
         """A list of decoded records -> (one batch, the ring slot of its frames or None).
 
         Frames are zero padded to a fixed length: uint8, or with `dequantize` float32 made in the
         same pass as the gather (each video's frames converted, then dequantized in place while
         they are in cache; padding exact zeros), the values `prepare_batch` gives on a CPU.
+        `packed` (in a worker process): everything but the frames as NumPy arrays, the labels as
+        their indices, which travel to the main process by value, not each through shared memory
+        and a file descriptor of its own (`unpacked` makes the tensors there).
         """
         size = len(examples)
-        labels = np.zeros((size, self.num_classes), np.float32)
         counts = [len(example["labels"]) for example in examples]
-        if sum(counts):  # one scatter for the whole batch
-            labels[np.repeat(np.arange(size), counts), np.concatenate([e["labels"] for e in examples])] = 1.0
-        batch = {"id": [example["id"] for example in examples], "labels": torch.from_numpy(labels)}
+        hot = MultiHot((size, self.num_classes), np.repeat(np.arange(size), counts),
+                       np.concatenate([e["labels"] for e in examples]) if sum(counts) else np.zeros(0, np.int64))
+        batch = {"id": [example["id"] for example in examples], "labels": hot if packed else hot.tensor()}
+        as_tensor = (lambda array: array) if packed else torch.from_numpy
         if self.level == "video":
-            batch["rgb"] = torch.from_numpy(np.stack([e["mean_rgb"] for e in examples]))
-            batch["audio"] = torch.from_numpy(np.stack([e["mean_audio"] for e in examples]))
-            batch["num_frames"] = torch.ones(size, dtype=torch.int64)
+            batch["rgb"] = as_tensor(np.stack([e["mean_rgb"] for e in examples]))
+            batch["audio"] = as_tensor(np.stack([e["mean_audio"] for e in examples]))
+            batch["num_frames"] = as_tensor(np.ones(size, np.int64))
             return batch, None
         length = self.max_frames if self.sampling == "all" else self.num_samples
         dtype = torch.float32 if self.dequantize else torch.uint8
@@ -228,10 +241,10 @@ class YT8MDataset(IterableDataset):
             for key, out in targets.items():
                 fill(out[i], example[key][index], count, zeroed)
         batch.update(frames)
-        batch["num_frames"] = torch.from_numpy(num_frames)
+        batch["num_frames"] = as_tensor(num_frames)
         if self.level == "segment":
             for key in SEGMENT_KEYS:
-                batch[key] = [torch.from_numpy(np.array(example[key])) for example in examples]
+                batch[key] = [as_tensor(np.array(example[key])) for example in examples]
         return batch, slot
 
     def _frame_index(self, available: int, length: int, rng: np.random.Generator) -> slice | np.ndarray:
@@ -270,6 +283,7 @@ class FrameRing:
         self.capacity = capacity if _use_count is not None else 0  # without it, no buffer is known free
         self.returned = returned
         self.storages: list[torch.UntypedStorage] = []
+        self.announced: set[int] = set()  # slots whose current buffer the main process has mapped
         self.lock = threading.Lock()  # two iterations of one dataset in one process share the ring
 
     def take(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
@@ -284,6 +298,7 @@ class FrameRing:
                 storage = _storage(nbytes, shared)
                 if slot is not None:  # a smaller one: replaced
                     self.storages[slot] = storage
+                    self.announced.discard(slot)
                 elif len(self.storages) < self.capacity:
                     slot = len(self.storages)
                     self.storages.append(storage)
@@ -344,6 +359,12 @@ class SlotReturns:
         self.storages: dict[tuple[int, int], torch.UntypedStorage] = {}  # the last one received in each slot
         self.pending: set[tuple[int, int]] = set()  # slots received and not handed back
 
+    def rebuild(self, batch: dict, slot: tuple[int, int], layout: dict) -> None:
+        """Puts back the frames a worker sent by slot: views of the buffer mapped here."""
+        storage = self.storages[slot]
+        for key, (dtype, offset, shape) in layout.items():
+            batch[key] = torch.empty(0, dtype=getattr(torch, dtype)).set_(storage, offset, shape)
+
     def received(self, batch: dict, slot: tuple[int, int]) -> None:
         storage = batch["rgb"].untyped_storage()
         if storage.is_shared():
@@ -395,6 +416,31 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
+class MultiHot:
+    """Multi-hot labels as their (row, class) indices: what a worker process sends instead of the
+    dense [B, num_classes] float32 tensor (1 MB a batch at 3862 classes)."""
+
+    def __init__(self, shape: tuple[int, int], rows: np.ndarray, classes: np.ndarray):
+        self.shape, self.rows, self.classes = shape, rows, classes
+
+    def tensor(self) -> torch.Tensor:
+        labels = np.zeros(self.shape, np.float32)
+        labels[self.rows, self.classes] = 1.0  # one scatter for the whole batch
+        return torch.from_numpy(labels)
+
+
+def unpacked(batch: dict) -> dict:
+    """A packed batch (`YT8MDataset.collate(packed=True)`) with tensors again."""
+    for key, value in batch.items():
+        if isinstance(value, MultiHot):
+            batch[key] = value.tensor()
+        elif isinstance(value, np.ndarray):
+            batch[key] = torch.from_numpy(value)
+        elif isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+            batch[key] = [torch.from_numpy(item) for item in value]
+    return batch
+
+
 def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats, int | None]],
                stats: ReadStats) -> Iterator[dict]:
     """The batches of `YT8MDataset.stream()` items, their statistics merged into `stats`; a
@@ -429,8 +475,9 @@ class _Stream(IterableDataset):
     (`SlotReturns.flags`).
     """
 
-    def __init__(self, dataset: YT8MDataset, persistent_workers: bool):
+    def __init__(self, dataset: YT8MDataset, persistent_workers: bool, by_slot: bool):
         self.dataset = dataset
+        self.by_slot = by_slot
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_() if persistent_workers else None
         self.returned: torch.Tensor | None = None
 
@@ -438,15 +485,27 @@ class _Stream(IterableDataset):
         worker = get_worker_info()
         if self.epoch is not None:
             self.dataset.set_epoch(int(self.epoch))
-        return self.dataset.stream(None if worker is None or self.returned is None else self.returned[worker.id])
+        returned = None if worker is None or self.returned is None else self.returned[worker.id]
+        return self.dataset.stream(returned, by_slot=self.by_slot)
+
+
+def _as_is(item):
+    """The DataLoader's collate_fn: items as the stream made them (its default would turn a packed
+    batch's NumPy arrays into tensors in the worker, each handed over through shared memory)."""
+    return item
 
 
 def _returning(items: Iterator[tuple], returns: SlotReturns) -> Iterator[tuple]:
     """The items of worker processes, their ring slots noted in `returns` as they arrive."""
     for batch, stats, slot in items:
         returns.sweep()
+        if isinstance(batch, dict):
+            unpacked(batch)
         if slot is not None and isinstance(batch, dict):
-            returns.received(batch, tuple(slot))  # the DataLoader hands tuples over as lists
+            worker, index, layout = slot  # the DataLoader hands tuples over as lists
+            if layout is not None:
+                returns.rebuild(batch, (worker, index), layout)
+            returns.received(batch, (worker, index))
         yield batch, stats, slot
         del batch
 
@@ -462,10 +521,12 @@ class YT8MLoader:
         self.prefetch_thread = prefetch_thread and num_workers == 0
         self.persistent_workers = persistent_workers and num_workers > 0
         self._stats = ReadStats()
-        self._stream = _Stream(dataset, self.persistent_workers)
+        # Without a pin-memory thread (which copies each batch into pinned memory), a reused buffer
+        # travels once: later batches in it come as its slot, without the file descriptor hand-over.
+        self._stream = _Stream(dataset, self.persistent_workers, by_slot=not pin_memory)
         self._returns: SlotReturns | None = None
         self._loader = DataLoader(
-            self._stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+            self._stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=self.persistent_workers,
         )
 
