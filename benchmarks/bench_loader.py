@@ -3,7 +3,7 @@ dequantized to float32, against a standard tf.data pipeline on the same files wh
 is installed (it is not a dependency: `pip install tensorflow-cpu` to get the comparison).
 
     python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 5]
-        [--modes float prepare uint8] [--buffers 0 5]
+        [--modes float prepare uint8] [--buffers 0 5] [--ceiling]
 
 The yt8m pipelines, each with 0 (a prefetch thread), 1, 2... loader worker processes (kept
 from one epoch to the next, as over a real epoch of millions of videos they start once):
@@ -11,13 +11,16 @@ from one epoch to the next, as over a real epoch of millions of videos they star
 - prepare: uint8 batches, then `prepare_batch(batch, "cpu")` in the consuming thread (the
   path before the loader could dequantize);
 - uint8: uint8 batches alone, what a GPU's input pipeline needs from the CPU.
+`--buffers 0` adds each without reused frame buffers; `--ceiling` times casting a ready uint8
+batch to float32 on every core, no decoding: the most float32 batches this machine can write.
 
 Each pipeline runs in a process of its own (so that one's threads, allocator and CPU clock
 do not touch another's), with the host settings of the yt8m command line (`yt8m.host`;
 YT8M_TUNE_HOST=0 turns them off). After `--warmup` epochs each, the processes take turns, one
-epoch each per round, while the others wait idle, and the medians over `--epochs` rounds are
-reported: videos per wall-clock second, and CPU milliseconds per video (the process's threads
-and its loader workers), the steadier figure on a shared machine whose cores come and go.
+epoch each per round, while the others wait idle. Reported over `--epochs` rounds: videos per
+wall-clock second (median and best), CPU milliseconds per video (the process's threads and its
+loader workers, live or finished: the steadier figure on a shared machine whose cores come and
+go), and against tf.data, best round against best round and the median of the rounds' ratios.
 """
 
 from __future__ import annotations

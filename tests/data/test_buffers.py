@@ -1,6 +1,7 @@
 """The loader's reused frame buffers (`FrameRing`, `SlotReturns`) and its float32 batches (`dequantize`)."""
 
 import collections
+import contextlib
 
 import numpy as np
 import pytest
@@ -80,30 +81,44 @@ def test_released_buffers_are_reused_in_process(shards, prefetch_thread, dequant
     loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=5,
                          prefetch_thread=prefetch_thread, dequantize=dequantized)
     for _ in range(2):
-        pointers, rows = set(), {}
+        rows, outside = {}, 0
         for batch in loader:  # each batch dropped when the next one comes
-            pointers.add(batch["rgb"].untyped_storage().data_ptr())
+            ring = loader.dataset.frame_ring()
+            outside += not any(batch["rgb"].untyped_storage() is storage for storage in ring.storages)
             for i, video_id in enumerate(batch["id"]):
                 rows[video_id] = {key: batch[key][i].numpy().copy() for key in ("rgb", "audio")}
-        assert len(rows) == 24 and len(pointers) <= (5 if prefetch_thread else 2)  # 12 batches
+        assert len(rows) == 24 and outside == 0  # 12 batches, every one in a buffer of the ring
+        assert len(ring.storages) <= (5 if prefetch_thread else 2)
         assert_batch_holds(rows, truth, dequantized)
 
 
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # no accelerator here: nothing is pinned
 @pytest.mark.parametrize("pin_memory", [False, True])  # True: buffers travel as storages, not by slot
 @pytest.mark.parametrize("dequantized", [False, True])
-def test_released_buffers_are_reused_by_worker_processes(shards, dequantized, pin_memory):
+def test_released_buffers_are_reused_by_worker_processes(shards, dequantized, pin_memory, monkeypatch):
     pattern, truth = shards
+    rebuilt = []
+    original = SlotReturns.rebuild
+    monkeypatch.setattr(SlotReturns, "rebuild", lambda self, *args: rebuilt.append(1) or original(self, *args))
     loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=5, num_workers=2,
                          persistent_workers=True, dequantize=dequantized, pin_memory=pin_memory)
+    mapped = 0
     for _ in range(2):
-        pointers, rows = set(), {}
+        rows = {}
         for batch in loader:
-            pointers.add(batch["rgb"].untyped_storage().data_ptr())  # the main process keeps each buffer mapped
+            # every batch in a buffer of a worker's ring, which the main process keeps mapped
+            mapped += any(batch["rgb"].untyped_storage() is storage for storage in loader._returns.storages.values())
             for i, video_id in enumerate(batch["id"]):
                 rows[video_id] = {key: batch[key][i].numpy().copy() for key in ("rgb", "audio")}
-        assert len(rows) == 24 and len(pointers) <= 2 * 5
+        assert len(rows) == 24
         assert_batch_holds(rows, truth, dequantized)
+    pinned = pin_memory and torch.cuda.is_available()  # the main process then sees the pinned copies only
+    assert mapped == (0 if pinned else 24)  # 2 epochs of 12 batches
+    assert len(loader._returns.storages) <= 2 * 5
+    if pin_memory:
+        assert not rebuilt
+    else:  # 24 batches in at most 10 buffers: at least 14 came by slot
+        assert len(rebuilt) >= 14
 
 
 @pytest.mark.parametrize("num_workers,prefetch_thread", [(0, False), (0, True), (2, False)])
@@ -255,3 +270,95 @@ def test_worker_batches_travel_packed_and_arrive_as_tensors(tmp_path, rng, level
                     assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype, key
                     assert torch.equal(got, expected), (video_id, key)
         assert seen == set(reference)
+
+
+def test_the_prefetch_thread_runs_alone_without_changing_other_threads(shards):
+    import threading
+
+    pattern, _ = shards
+    before = torch.get_num_threads()
+    seen = []
+    loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, dequantize=True)
+    original = loader.dataset.collate
+
+    def spying(*args, **kwargs):  # runs in the prefetch thread
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return original(*args, **kwargs)
+
+    loader.dataset.collate = spying
+    assert sum(len(batch["id"]) for batch in loader) == 24
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == before and later == [before]  # this thread, and threads started later
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert set(seen) == {("yt8m-loader", 1)}
+
+
+def test_a_plain_dataloader_over_the_dataset_gets_fresh_buffers(shards):
+    """Outside YT8MLoader nothing tells a worker when the main process is done with a buffer: no
+    reuse there, and the batches arrive as tensors."""
+    from torch.utils.data import DataLoader
+
+    from yt8m.data import YT8MDataset
+
+    pattern, truth = shards
+    dataset = YT8MDataset(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10)
+    kept = list(DataLoader(dataset, batch_size=None, num_workers=2))  # every batch held
+    assert sorted(video_id for batch in kept for video_id in batch["id"]) == sorted(truth)
+    for batch in kept:
+        assert isinstance(batch["labels"], torch.Tensor) and isinstance(batch["num_frames"], torch.Tensor)
+        assert_batch_holds({video_id: {key: batch[key][i] for key in ("rgb", "audio")}
+                            for i, video_id in enumerate(batch["id"])}, truth, False)
+
+
+def test_a_buffer_handed_to_another_process_leaves_the_ring(shards):
+    """Moving a batch into shared memory (what sending it to another process does) and dropping it
+    here: the other process may still read it, so the ring never fills it again."""
+    pattern, truth = shards
+    loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=2,
+                         prefetch_thread=False)
+    import os
+
+    for number, batch in enumerate(loader):
+        if number == 0:
+            fd, size = batch["rgb"].share_memory_().untyped_storage()._share_fd_cpu_()
+            held = os.dup(fd)  # what the other process holds: the memory stays, whatever happens here
+            expected = batch["rgb"].clone()
+    try:
+        storage = torch.UntypedStorage._new_shared_fd_cpu(held, size)  # the other process's view of it
+        assert torch.equal(torch.empty(0, dtype=torch.uint8).set_(storage, 0, expected.shape), expected)
+    finally:
+        os.close(held)
+
+
+@pytest.mark.parametrize("stop", ["break", "raise"])
+def test_persistent_workers_get_their_buffers_back_after_a_pass_left_early(shards, monkeypatch, stop):
+    """Batches in flight when a pass ends early (the consumer breaks out or raises) are discarded by
+    the DataLoader: their buffers are free again in the next pass, and travel again rather than be
+    rebuilt from a stale mapping."""
+    pattern, truth = shards
+    rebuilt = []
+    original = SlotReturns.rebuild
+    monkeypatch.setattr(SlotReturns, "rebuild", lambda self, *args: rebuilt.append(1) or original(self, *args))
+    loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=3, num_workers=2,
+                         persistent_workers=True, dequantize=True)
+    for _ in range(3):
+        with pytest.raises(KeyError) if stop == "raise" else contextlib.nullcontext():
+            for number, batch in enumerate(loader):
+                if number == 2:
+                    if stop == "break":
+                        break
+                    raise KeyError("the consumer fails")
+    rebuilt.clear()
+    for _ in range(2):
+        rows = {}
+        for batch in loader:
+            for i, video_id in enumerate(batch["id"]):
+                rows[video_id] = {key: batch[key][i].numpy().copy() for key in ("rgb", "audio")}
+        assert len(rows) == 24
+        assert_batch_holds(rows, truth, True)
+    assert len(rebuilt) >= 24 - 2 * 3 * 2  # 24 batches, at most 6 buffers that travel (again)
+    flags = loader._returns.flags
+    assert set(flags.flatten().tolist()) <= {0, 255, *range(1, 255)} and (flags == 255).sum() == 0

@@ -18,6 +18,7 @@ import sys
 import threading
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -147,17 +148,19 @@ class YT8MDataset(IterableDataset):
         """The batches; skipped records are reported in one warning when the iteration ends or is closed."""
         return _delivered(self.stream(), ReadStats())
 
-    def stream(self, returned: torch.Tensor | None = None,
-               by_slot: bool = False) -> Iterator[tuple[dict | CorruptRecordError | None, ReadStats, tuple | None]]:
+    def stream(self, handover: Handover | None = None) -> Iterator[tuple[dict | CorruptRecordError | None,
+                                                                          ReadStats, tuple | None]]:
         """`(batch, statistics since the previous item, ring slot)` triples, then `(None, the rest,
         None)`, so that the counts of worker processes reach the main process with the batches.
 
-        In a DataLoader worker, `returned` is the worker's row of the loader's shared flags (see
-        `FrameRing`) and the slot, (worker id, index, layout), names the ring buffer that holds the
-        batch's frames (None in-process or outside the ring), for the main process to hand back once
-        it no longer uses it. With `by_slot`, a buffer the main process has already mapped does not
+        In a worker process of `YT8MLoader`, `handover` is how its batches reach the main process
+        (see `Handover`): the slot, (worker id, index, layout), names the ring buffer that holds the
+        batch's frames (None outside the ring), for the main process to hand back once it no longer
+        uses it; with `handover.compact`, a buffer the main process has already mapped does not
         travel again: the batch comes without its frames and `layout` ({key: (dtype, offset, shape)})
-        says how to rebuild them from the main process's mapping (`SlotReturns.rebuild`).
+        says how to rebuild them from the main process's mapping (`SlotReturns.rebuild`). In a worker
+        of any other DataLoader, nothing says when the main process is done with a buffer: each
+        batch gets a fresh one, as without a ring.
 
         A corrupt record that is not skipped ends the stream as `(error, statistics)`: the
         CorruptRecordError itself reaches the main process (raised in a DataLoader worker, it
@@ -168,15 +171,22 @@ class YT8MDataset(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         consumer = self.rank * num_workers + worker_id
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
-        ring = self.frame_ring(returned if worker else None)
+        if worker is None:
+            ring = self.frame_ring()
+        elif handover is not None:
+            ring = self.frame_ring(handover.returned)
+            ring.tag = handover.tag
+        else:
+            ring = FrameRing(0)
+        compact = handover is not None and handover.compact
 
         def item(examples: list[dict]) -> tuple[dict, ReadStats, tuple | None]:
             """Yielded unnamed: no frame here holds a batch while the next one is made (its buffer stays busy)."""
-            batch, slot = self.collate(examples, rng, ring, packed=worker is not None)
+            batch, slot = self.collate(examples, rng, ring, packed=compact)
             stats = policy.take(len(examples))
             if slot is None or ring.returned is None:
                 return batch, stats, None
-            if not by_slot or slot not in ring.announced:
+            if not compact or slot not in ring.announced:
                 ring.announced.add(slot)  # its storage travels with this batch; the main process keeps it mapped
                 return batch, stats, (worker_id, slot, None)
             layout = {key: (str(batch[key].dtype).removeprefix("torch."), batch[key].storage_offset(),
@@ -258,10 +268,10 @@ class YT8MDataset(IterableDataset):
         return slice(start, start + count)
 
 
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
-# With OpenMP, torch.set_num_threads applies to the calling thread only (its OpenMP setting), so a
-# loader thread can run its kernels alone without changing the training step's threads.
-_PER_THREAD_POOL = "OpenMP" in torch.__config__.parallel_info()  # references to a storage from tensors and its Python object
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # references to a storage from tensors and its Python object
+# With OpenMP, each thread has its own thread count (its OpenMP setting), so a loader thread can
+# run its kernels alone without changing the training step's (see `_in_thread`).
+_PER_THREAD_POOL = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 class FrameRing:
@@ -270,11 +280,13 @@ class FrameRing:
 
     A buffer is reused only once no batch uses it any more. In-process, that is when the ring
     holds the only reference to its storage (a consumer's batch, or any view of its frames, is
-    one). In a worker process the main process holds the batch: `returned` is the worker's row
-    of a shared flag table, which the worker sets when it hands a buffer out and the main
-    process clears once it no longer uses the buffer (`SlotReturns`). When every buffer is in
-    use, a batch gets a fresh buffer outside the ring: a consumer that keeps many batches is
-    neither overwritten nor blocked.
+    one), and the storage has not been moved into shared memory (handed to another process,
+    which may still read it: it leaves the ring). In a worker process the main process holds
+    the batch: `returned` is the worker's row of a shared flag table, which the worker sets to
+    the pass's `tag` when it hands a buffer out and the main process sets back to FREE once it
+    no longer uses the buffer (`SlotReturns`), or to RESEND for a batch it never received. When
+    every buffer is in use, a batch gets a fresh buffer outside the ring: a consumer that keeps
+    many batches is neither overwritten nor blocked.
     """
 
     def __init__(self, capacity: int, returned: torch.Tensor | None = None):
@@ -282,6 +294,7 @@ class FrameRing:
             raise ValueError(f"{len(returned)} return flags for a ring of {capacity} buffers")
         self.capacity = capacity if _use_count is not None else 0  # without it, no buffer is known free
         self.returned = returned
+        self.tag = 1  # written in `returned` for the buffers handed out in this pass
         self.storages: list[torch.UntypedStorage] = []
         self.announced: set[int] = set()  # slots whose current buffer the main process has mapped
         self.lock = threading.Lock()  # two iterations of one dataset in one process share the ring
@@ -294,9 +307,9 @@ class FrameRing:
         nbytes = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize
         with self.lock:
             slot = self._free_slot()
-            if slot is None or self.storages[slot].nbytes() < nbytes:
+            if slot is None or self.storages[slot].nbytes() < nbytes or self.storages[slot].is_shared() != shared:
                 storage = _storage(nbytes, shared)
-                if slot is not None:  # a smaller one: replaced
+                if slot is not None:  # a smaller one, or one handed to another process: replaced
                     self.storages[slot] = storage
                     self.announced.discard(slot)
                 elif len(self.storages) < self.capacity:
@@ -306,7 +319,7 @@ class FrameRing:
             else:
                 storage, fresh = self.storages[slot], False
             if slot is not None and self.returned is not None:
-                self.returned[slot] = 1  # out until the main process hands it back
+                self.returned[slot] = self.tag  # out until the main process hands it back
             tensors, offset = {}, 0
             for key, shape in shapes.items():  # made under the lock: they hold the buffer from here on
                 tensors[key] = torch.empty(0, dtype=dtype).set_(storage, offset, shape)
@@ -315,9 +328,31 @@ class FrameRing:
 
     def _free_slot(self) -> int | None:
         for slot in range(len(self.storages)):
-            if not self.returned[slot] if self.returned is not None else _unused(self.storages, slot):
+            if self.returned is None:
+                if _unused(self.storages, slot):
+                    return slot
+                continue
+            flag = int(self.returned[slot])
+            if flag == RESEND:  # its last batch never reached the main process, which may not have this buffer
+                self.announced.discard(slot)
+            if flag in (FREE, RESEND):
                 return slot
         return None
+
+
+FREE, RESEND = 0, 255  # flags of `FrameRing.returned` besides the tags (1-254) of buffers handed out
+
+
+@dataclass(frozen=True)
+class Handover:
+    """How a worker process of `YT8MLoader` hands its batches over: `returned`, its row of the
+    shared flag table (`SlotReturns.flags`); `tag`, the pass's tag for the buffers handed out;
+    `compact`: a reused buffer travels once and then by slot, and everything else but the frames
+    by value (False with a pin-memory thread, which must see the batch's tensors to pin them)."""
+
+    returned: torch.Tensor
+    tag: int
+    compact: bool
 
 
 def _references(storages: list | dict, slot) -> tuple[int, int]:
@@ -347,11 +382,13 @@ def _storage(nbytes: int, shared: bool) -> torch.UntypedStorage:
 class SlotReturns:
     """The main process's side of its DataLoader workers' frame rings (`FrameRing`).
 
-    `flags` [workers, capacity] in shared memory: set by a worker when it hands a buffer out,
-    cleared here once the main process no longer uses it: at once for a batch the pin-memory
-    thread copied, else when no batch or view of its frames is left (checked as each batch
-    arrives). The buffers handed back stay mapped here, so that their next batches map and
-    fault in nothing new.
+    `flags` [workers, capacity] in shared memory: set to the pass's tag by a worker when it
+    hands a buffer out, set back to FREE here once the main process no longer uses it: at once
+    for a batch the pin-memory thread copied, else when no batch or view of its frames is left
+    (checked as each batch arrives). The buffers handed back stay mapped here, so that their
+    next batches map and fault in nothing new. Batches a DataLoader discards (persistent
+    workers restarted after a pass left early) never arrive: `new_pass` marks their buffers
+    RESEND, free again and to travel with their next batch.
     """
 
     def __init__(self, workers: int, capacity: int):
@@ -371,12 +408,25 @@ class SlotReturns:
             self.storages[slot] = storage
             self.pending.add(slot)
         else:  # the pin-memory thread's copy: the worker's buffer has been read
-            self.flags[slot] = 0
+            self.flags[slot] = FREE
 
     def sweep(self) -> None:
         for slot in [slot for slot in self.pending if _unused(self.storages, slot)]:
             self.pending.discard(slot)
-            self.flags[slot] = 0
+            self.flags[slot] = FREE
+
+    def new_pass(self, tag: int) -> None:
+        """Once the DataLoader has restarted its workers for the pass tagged `tag` (their earlier
+        batches received or discarded): buffers handed out before and never received are free."""
+        for worker, slot in (self.flags != FREE).nonzero().tolist():
+            flag = int(self.flags[worker, slot])
+            if flag not in (RESEND, tag) and (worker, slot) not in self.pending:
+                self.flags[worker, slot] = RESEND
+
+    def release(self) -> None:
+        """Unmaps what this side keeps mapped (the workers are gone); batches still held keep theirs."""
+        self.storages.clear()
+        self.pending.clear()
 
 
 def _fill_uint8(out: np.ndarray, frames: np.ndarray, count: int, zeroed: bool) -> None:
@@ -470,23 +520,26 @@ def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats
 class _Stream(IterableDataset):
     """A dataset's `stream()` as an IterableDataset, for the DataLoader of `YT8MLoader`.
 
-    `epoch`: with persistent worker processes, which keep the copy of the dataset they started
-    with, the pass's epoch in shared memory; `returned`: the workers' shared return flags
-    (`SlotReturns.flags`).
+    `state`: with persistent worker processes, which keep the copy of this object they started
+    with, the pass's epoch and tag in shared memory; `returned`: the workers' shared return flags
+    (`SlotReturns.flags`); `compact`: see `Handover`.
     """
 
-    def __init__(self, dataset: YT8MDataset, persistent_workers: bool, by_slot: bool):
+    def __init__(self, dataset: YT8MDataset, persistent_workers: bool, compact: bool):
         self.dataset = dataset
-        self.by_slot = by_slot
-        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_() if persistent_workers else None
+        self.compact = compact
+        self.state = torch.tensor([0, 1], dtype=torch.int64).share_memory_() if persistent_workers else None
         self.returned: torch.Tensor | None = None
 
     def __iter__(self) -> Iterator[tuple[dict | None, ReadStats, int | None]]:
         worker = get_worker_info()
-        if self.epoch is not None:
-            self.dataset.set_epoch(int(self.epoch))
-        returned = None if worker is None or self.returned is None else self.returned[worker.id]
-        return self.dataset.stream(returned, by_slot=self.by_slot)
+        tag = 1
+        if self.state is not None:
+            epoch, tag = self.state.tolist()
+            self.dataset.set_epoch(epoch)
+        if worker is None or self.returned is None:
+            return self.dataset.stream()
+        return self.dataset.stream(Handover(self.returned[worker.id], tag, self.compact))
 
 
 def _as_is(item):
@@ -495,19 +548,24 @@ def _as_is(item):
     return item
 
 
-def _returning(items: Iterator[tuple], returns: SlotReturns) -> Iterator[tuple]:
-    """The items of worker processes, their ring slots noted in `returns` as they arrive."""
-    for batch, stats, slot in items:
-        returns.sweep()
-        if isinstance(batch, dict):
-            unpacked(batch)
-        if slot is not None and isinstance(batch, dict):
-            worker, index, layout = slot  # the DataLoader hands tuples over as lists
-            if layout is not None:
-                returns.rebuild(batch, (worker, index), layout)
-            returns.received(batch, (worker, index))
-        yield batch, stats, slot
-        del batch
+def _returning(items: Iterator[tuple], returns: SlotReturns, persistent: bool) -> Iterator[tuple]:
+    """The items of worker processes, their ring slots noted in `returns` as they arrive; at the
+    end of a pass of workers that do not persist, `returns` lets go of the buffers."""
+    try:
+        for batch, stats, slot in items:
+            returns.sweep()
+            if isinstance(batch, dict):
+                unpacked(batch)
+            if slot is not None and isinstance(batch, dict):
+                worker, index, layout = slot  # the DataLoader hands tuples over as lists
+                if layout is not None:
+                    returns.rebuild(batch, (worker, index), layout)
+                returns.received(batch, (worker, index))
+            yield batch, stats, slot
+            del batch
+    finally:
+        if not persistent:
+            returns.release()
 
 
 class YT8MLoader:
@@ -523,8 +581,9 @@ class YT8MLoader:
         self._stats = ReadStats()
         # Without a pin-memory thread (which copies each batch into pinned memory), a reused buffer
         # travels once: later batches in it come as its slot, without the file descriptor hand-over.
-        self._stream = _Stream(dataset, self.persistent_workers, by_slot=not pin_memory)
+        self._stream = _Stream(dataset, self.persistent_workers, compact=not pin_memory)
         self._returns: SlotReturns | None = None
+        self._passes = 0
         self._loader = DataLoader(
             self._stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=self.persistent_workers,
@@ -551,17 +610,21 @@ class YT8MLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.epoch)
-        if self._stream.epoch is not None:
-            self._stream.epoch.fill_(self.epoch)
+        self._passes += 1
+        tag = 1 + self._passes % 254  # never FREE (0) nor RESEND (255), and not the previous pass's
+        if self._stream.state is not None:
+            self._stream.state.copy_(torch.tensor([self.epoch, tag]))
         self.epoch += 1
         self._stats = ReadStats()
         if self.num_workers and (self._returns is None or not self.persistent_workers):
             # new worker processes start with new rings (persistent ones keep theirs, and their flags)
             self._returns = SlotReturns(self.num_workers, self.dataset.buffers)
             self._stream.returned = self._returns.flags
-        items = iter(self._loader)
+        items = iter(self._loader)  # persistent workers restart here, the last pass's batches in flight discarded
         if self.num_workers:
-            items = _returning(items, self._returns)
+            if self.persistent_workers:
+                self._returns.new_pass(tag)
+            items = _returning(items, self._returns, self.persistent_workers)
         return _delivered(_in_thread(items, depth=2) if self.prefetch_thread else items, self._stats)
 
 
@@ -589,6 +652,8 @@ def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
     def produce() -> None:
         if _PER_THREAD_POOL:  # this thread's kernels alone: one frame row is too small to share, and waking
             torch.set_num_threads(1)  # sleeping OpenMP threads for it cost 5x the work itself
+            torch.get_num_threads()  # settles this thread's count now, before the process-wide one is put back
+        alone.set()
         try:
             for batch in batches:
                 if not put(batch):
@@ -598,8 +663,16 @@ def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
         except BaseException as error:  # handed to the consumer
             put(error)
 
+    # torch.set_num_threads also sets the process-wide count that threads take on their first
+    # parallel kernel: this thread's is settled first, and the count is put back once the loader
+    # thread has its own.
+    threads = torch.get_num_threads()
+    alone = threading.Event()
     thread = threading.Thread(target=produce, name="yt8m-loader", daemon=True)
     thread.start()
+    alone.wait()
+    if _PER_THREAD_POOL:
+        torch.set_num_threads(threads)
     try:
         while True:
             item = slots.get()
@@ -643,7 +716,9 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     processes or the prefetch thread, not in the training loop), the values `prepare_batch`
     gives. Each reader reuses a ring of `buffers` frame buffers (shared memory in worker
     processes; 0: a fresh buffer per batch): a buffer is reused only once no batch or view of
-    its frames is left, and a consumer that keeps batches gets fresh ones. `persistent_workers`
+    its frames is left, and a consumer that keeps batches gets fresh ones. A batch from worker
+    processes lies in shared memory: clone it before sending it to another process of yours
+    (in-process buffers moved to shared memory leave the ring by themselves). `persistent_workers`
     keeps the worker processes (and their buffers) from one pass to the next. A corrupt record (or one with a label outside
     [0, num_classes)) raises CorruptRecordError in the consumer, from worker processes too, or
     with `on_error="skip"` is skipped, counted in `loader.stats()` and reported in one warning per
