@@ -651,9 +651,14 @@ def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
 
     def produce() -> None:
         if _PER_THREAD_POOL:  # this thread's kernels alone: one frame row is too small to share, and waking
-            torch.set_num_threads(1)  # sleeping OpenMP threads for it cost 5x the work itself
-            torch.get_num_threads()  # settles this thread's count now, before the process-wide one is put back
-        alone.set()
+            # sleeping OpenMP threads for it cost 5x the work itself. torch.set_num_threads also sets
+            # the process-wide count that a thread takes at its first parallel kernel: a throwaway
+            # thread puts it back, leaving this thread's (settled by its first call) and the consumer's.
+            process_wide = torch.get_num_threads()
+            torch.set_num_threads(1)
+            restore = threading.Thread(target=torch.set_num_threads, args=(process_wide,))
+            restore.start()
+            restore.join()
         try:
             for batch in batches:
                 if not put(batch):
@@ -663,16 +668,8 @@ def _in_thread(batches: Iterator[dict], depth: int) -> Iterator[dict]:
         except BaseException as error:  # handed to the consumer
             put(error)
 
-    # torch.set_num_threads also sets the process-wide count that threads take on their first
-    # parallel kernel: this thread's is settled first, and the count is put back once the loader
-    # thread has its own.
-    threads = torch.get_num_threads()
-    alone = threading.Event()
     thread = threading.Thread(target=produce, name="yt8m-loader", daemon=True)
     thread.start()
-    alone.wait()
-    if _PER_THREAD_POOL:
-        torch.set_num_threads(threads)
     try:
         while True:
             item = slots.get()
