@@ -190,35 +190,35 @@ def test_persistent_workers_follow_the_epoch(shards):
 def test_ring_takes_a_buffer_back_only_when_nothing_uses_it():
     ring = FrameRing(2)
     shapes = {"rgb": (2, 3, 4), "audio": (2, 3, 2)}
-    first, slot, zeroed = ring.take(shapes, torch.float32, shared=False)
+    first, slot, zeroed = ring.take(shapes, torch.float32)
     assert slot == 0 and not zeroed and first["rgb"].shape == (2, 3, 4) and first["audio"].shape == (2, 3, 2)
     assert first["audio"].storage_offset() == 2 * 3 * 4  # one buffer: rgb, then audio
     view = first["audio"][1]
     del first
-    second, slot, _ = ring.take(shapes, torch.float32, shared=False)
+    second, slot, _ = ring.take(shapes, torch.float32)
     assert slot == 1  # slot 0 is still viewed
-    _, slot, _ = ring.take(shapes, torch.float32, shared=False)
+    _, slot, _ = ring.take(shapes, torch.float32)
     assert slot is None  # both in use: a fresh buffer outside the ring
     del view
-    again, slot, _ = ring.take(shapes, torch.float32, shared=False)
+    again, slot, _ = ring.take(shapes, torch.float32)
     assert slot == 0
     storage = again["rgb"].untyped_storage()
     del again
-    _, slot, _ = ring.take(shapes, torch.float32, shared=False)
+    _, slot, _ = ring.take(shapes, torch.float32)
     assert slot is None  # slot 0's storage object is still referenced; slot 1 by `second`
     del storage, second
-    _, slot, _ = ring.take({"rgb": (4, 3, 4), "audio": (4, 3, 2)}, torch.uint8, shared=False)
+    _, slot, _ = ring.take({"rgb": (4, 3, 4), "audio": (4, 3, 2)}, torch.uint8)
     assert slot == 0  # large enough for another shape too
-    assert FrameRing(0).take(shapes, torch.uint8, shared=False)[1] is None
+    assert FrameRing(0).take(shapes, torch.uint8)[1] is None
 
 
 def test_worker_ring_and_main_process_returns():
     returns = SlotReturns(workers=2, capacity=3)
-    ring = FrameRing(3, returns.flags[1])  # worker 1's ring
-    frames, slot, zeroed = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8, shared=True)
+    ring = FrameRing(3, returns.flags[1], shared=True)  # worker 1's ring
+    frames, slot, zeroed = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8)
     assert slot == 0 and zeroed and frames["rgb"].is_shared() and not frames["rgb"].any()
     assert returns.flags.tolist() == [[0, 0, 0], [1, 0, 0]]
-    _, other, _ = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8, shared=True)
+    _, other, _ = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8)
     assert other == 1  # slot 0 is out until the main process hands it back
     batch = {"rgb": frames["rgb"], "audio": frames["audio"]}
     del ring  # the worker's references live in another process

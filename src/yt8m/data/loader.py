@@ -239,7 +239,7 @@ class YT8MDataset(IterableDataset):
         dtype = torch.float32 if self.dequantize else torch.uint8
         shapes = {key: (size, length, dim) for key, dim in FRAME_DIMS.items()}
         ring = ring or FrameRing(0)
-        frames, slot, zeroed = ring.take(shapes, dtype, shared=get_worker_info() is not None)
+        frames, slot, zeroed = ring.take(shapes, dtype)
         num_frames = np.zeros(size, np.int64)
         per_video = self.seed_per_video and self.sampling != "all"
         fill = _fill_float if self.dequantize else _fill_uint8
@@ -286,29 +286,32 @@ class FrameRing:
     the pass's `tag` when it hands a buffer out and the main process sets back to FREE once it
     no longer uses the buffer (`SlotReturns`), or to RESEND for a batch it never received. When
     every buffer is in use, a batch gets a fresh buffer outside the ring: a consumer that keeps
-    many batches is neither overwritten nor blocked.
+    many batches is neither overwritten nor blocked. `shared` (default: whether the ring is made
+    in a DataLoader worker): the buffers are in shared memory, zero-filled when fresh, so that
+    handing a batch from a worker to the main process copies nothing.
     """
 
-    def __init__(self, capacity: int, returned: torch.Tensor | None = None):
+    def __init__(self, capacity: int, returned: torch.Tensor | None = None, shared: bool | None = None):
         if returned is not None and len(returned) < capacity:
             raise ValueError(f"{len(returned)} return flags for a ring of {capacity} buffers")
         self.capacity = capacity if _use_count is not None else 0  # without it, no buffer is known free
         self.returned = returned
+        self.shared = get_worker_info() is not None if shared is None else shared
         self.tag = 1  # written in `returned` for the buffers handed out in this pass
         self.storages: list[torch.UntypedStorage] = []
         self.announced: set[int] = set()  # slots whose current buffer the main process has mapped
         self.lock = threading.Lock()  # two iterations of one dataset in one process share the ring
 
-    def take(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-             shared: bool) -> tuple[dict[str, torch.Tensor], int | None, bool]:
+    def take(self, shapes: dict[str, tuple[int, ...]],
+             dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int | None, bool]:
         """(tensors of `shapes` in one buffer, its slot or None outside the ring, whether they are
-        zero-filled): uninitialised, or in shared memory with `shared` (zero-filled when fresh)."""
+        zero-filled): uninitialised, or zero-filled fresh shared memory."""
         itemsize = torch.empty(0, dtype=dtype).element_size()
         nbytes = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize
         with self.lock:
             slot = self._free_slot()
-            if slot is None or self.storages[slot].nbytes() < nbytes or self.storages[slot].is_shared() != shared:
-                storage = _storage(nbytes, shared)
+            if slot is None or self.storages[slot].nbytes() < nbytes or self.storages[slot].is_shared() != self.shared:
+                storage = _storage(nbytes, self.shared)
                 if slot is not None:  # a smaller one, or one handed to another process: replaced
                     self.storages[slot] = storage
                     self.announced.discard(slot)
@@ -324,7 +327,7 @@ class FrameRing:
             for key, shape in shapes.items():  # made under the lock: they hold the buffer from here on
                 tensors[key] = torch.empty(0, dtype=dtype).set_(storage, offset, shape)
                 offset += int(np.prod(shape))
-        return tensors, slot, fresh and shared
+        return tensors, slot, fresh and self.shared
 
     def _free_slot(self) -> int | None:
         for slot in range(len(self.storages)):
@@ -374,8 +377,7 @@ def _unused(storages: list | dict, slot) -> bool:
 
 
 def _storage(nbytes: int, shared: bool) -> torch.UntypedStorage:
-    """Uninitialised bytes, or zero-filled shared memory (what the kernel gives), so that handing
-    a batch from a worker to the main process copies nothing."""
+    """Uninitialised bytes, or zero-filled shared memory (what the kernel gives)."""
     return torch.UntypedStorage._new_shared(nbytes) if shared else torch.UntypedStorage(nbytes)
 
 
@@ -448,7 +450,7 @@ def _fill_float(out: torch.Tensor, frames: np.ndarray, count: int, zeroed: bool)
     if count:
         real = out[:count]
         np.copyto(real.numpy(), frames, casting="unsafe")
-        torch.add(_BIAS, real, alpha=DEQUANT_SCALE, out=real)
+        _dequantize_in_place(real, _BIAS)
     if not zeroed:
         out[count:].zero_()
 
@@ -491,7 +493,7 @@ def unpacked(batch: dict) -> dict:
     return batch
 
 
-def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats, int | None]],
+def _delivered(items: Iterator[tuple[dict | CorruptRecordError | None, ReadStats, tuple | None]],
                stats: ReadStats) -> Iterator[dict]:
     """The batches of `YT8MDataset.stream()` items, their statistics merged into `stats`; a
     CorruptRecordError item is raised.
@@ -531,7 +533,7 @@ class _Stream(IterableDataset):
         self.state = torch.tensor([0, 1], dtype=torch.int64).share_memory_() if persistent_workers else None
         self.returned: torch.Tensor | None = None
 
-    def __iter__(self) -> Iterator[tuple[dict | None, ReadStats, int | None]]:
+    def __iter__(self) -> Iterator[tuple[dict | None, ReadStats, tuple | None]]:
         worker = get_worker_info()
         tag = 1
         if self.state is not None:
@@ -716,12 +718,12 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     its frames is left, and a consumer that keeps batches gets fresh ones. A batch from worker
     processes lies in shared memory: clone it before sending it to another process of yours
     (in-process buffers moved to shared memory leave the ring by themselves). `persistent_workers`
-    keeps the worker processes (and their buffers) from one pass to the next. A corrupt record (or one with a label outside
-    [0, num_classes)) raises CorruptRecordError in the consumer, from worker processes too, or
-    with `on_error="skip"` is skipped, counted in `loader.stats()` and reported in one warning per
-    pass: records lost under intact framing one by one, the bytes skipped after broken framing as
-    damaged spans of unknown record counts, and the bytes lost in all. `loader.num_batches()` is
-    the length of the next pass.
+    keeps the worker processes (and their buffers) from one pass to the next. A corrupt record
+    (or one with a label outside [0, num_classes)) raises CorruptRecordError in the consumer,
+    from worker processes too, or with `on_error="skip"` is skipped, counted in `loader.stats()`
+    and reported in one warning per pass: records lost under intact framing one by one, the bytes
+    skipped after broken framing as damaged spans of unknown record counts, and the bytes lost in
+    all. `loader.num_batches()` is the length of the next pass.
     """
     dataset = YT8MDataset(paths, level, batch_size, max_frames, sampling, num_samples, num_classes, shuffle,
                           shuffle_buffer, seed, drop_last, on_error, check_crc, rank, world_size, seed_per_video,
@@ -754,9 +756,14 @@ def prepare_batch(batch: dict, device: torch.device | str, non_blocking: bool = 
             # q * scale + bias on real frames, 0 on (zero) padding, in two passes over one float
             # buffer: the conversion, then a fused multiply-add in place. (A mixed-dtype add would
             # convert into a temporary buffer first: a third pass and a second allocation.)
-            values = frames.to(torch.float32)
-            out[key] = torch.add(biases[steps], values, alpha=DEQUANT_SCALE, out=values)
+            out[key] = _dequantize_in_place(frames.to(torch.float32), biases[steps])
     return out
+
+
+def _dequantize_in_place(values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`values` (float32 uint8 levels) <- values * DEQUANT_SCALE + bias in one fused multiply-add: the one
+    arithmetic of `prepare_batch` and of the loader's float32 batches, so that the two agree bit for bit."""
+    return torch.add(bias, values, alpha=DEQUANT_SCALE, out=values)
 
 
 def _padding_bias(num_frames: torch.Tensor, steps: int) -> torch.Tensor:

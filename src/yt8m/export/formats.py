@@ -169,7 +169,7 @@ def export_onnx(model: VideoClassifier, path: str | Path, opset: int = ONNX_OPSE
             if model.level == "frame" and isinstance(program.model.graph.inputs[0].shape[1], int):
                 raise FixedFramesError(_fixed_frames_message(model, name))
             program.save(str(path))
-            if any(isinstance(module, nn.RNNBase) for module in model.modules()):
+            if _recurrent(model):
                 global _RECURRENT_EXPORTED
                 _RECURRENT_EXPORTED = True
         except FixedFramesError:
@@ -246,12 +246,17 @@ def frames_fixed_by(model: nn.Module) -> str | None:
 _RECURRENT_EXPORTED = False  # whether this process has exported a model with nn.LSTM / nn.GRU to ONNX
 
 
+def _recurrent(model: nn.Module) -> bool:
+    """Whether `model` holds an nn.LSTM / nn.GRU (what torch 2.13 unrolls after a first recurrent ONNX export)."""
+    return any(isinstance(module, nn.RNNBase) for module in model.modules())
+
+
 def _fixed_frames_message(model: nn.Module, name: str) -> str:
     """Why torch.export fixed `model`'s frame count: a recurrence over clips or subsampled frames, or, in torch
     2.13, an nn.LSTM / nn.GRU exported after another one in the same process."""
     clips = ("it unrolls recurrences over clips or subsampled frames, whose counts follow the input's: export it "
              "to TorchScript")
-    if _RECURRENT_EXPORTED and any(isinstance(module, nn.RNNBase) for module in model.modules()):
+    if _RECURRENT_EXPORTED and _recurrent(model):
         cause = ("this process has already exported a recurrent model to ONNX, after which torch 2.13 unrolls every "
                  "nn.LSTM / nn.GRU: export this one alone in a fresh process (`yt8m export` makes one export per "
                  f"process); refused there too, {clips}")
