@@ -2,7 +2,7 @@
 dequantized to float32, against a standard tf.data pipeline on the same files when TensorFlow
 is installed (it is not a dependency: `pip install tensorflow-cpu` to get the comparison).
 
-    python benchmarks/bench_loader.py [--videos 2000] [--shards 4] [--workers 0 1 2] [--epochs 5]
+    python benchmarks/bench_loader.py [--videos 2000] [--frames 120 300] [--shards 4] [--workers 0 1 2] [--epochs 5]
         [--modes float prepare uint8] [--buffers 0 5] [--ceiling]
 
 The yt8m pipelines, each with 0 (a prefetch thread), 1, 2... loader worker processes (kept
@@ -49,13 +49,15 @@ from yt8m.data import make_loader, prepare_batch, write_examples  # noqa: E402
 BATCH, MAX_FRAMES, NUM_CLASSES = 64, 300, 3862
 
 
-def write_shards(directory: Path, videos: int, shards: int, seed: int = 0) -> list[str]:
+def write_shards(directory: Path, videos: int, shards: int, seed: int = 0,
+                 frames: tuple[int, int] = (120, 300)) -> list[str]:
+    """`videos` random frame-level records of `frames` (min, max) frames each, spread over `shards` files."""
     rng = np.random.default_rng(seed)
     paths = []
     for shard in range(shards):
         def examples():
             for i in range(shard, videos, shards):
-                length = int(rng.integers(60, 301))
+                length = int(rng.integers(frames[0], frames[1] + 1))
                 yield {"id": f"{i:06d}", "labels": rng.integers(0, NUM_CLASSES, 3),
                        "rgb": rng.integers(0, 256, (length, 1024), dtype=np.uint8),
                        "audio": rng.integers(0, 256, (length, 128), dtype=np.uint8)}
@@ -184,6 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--frames", type=int, nargs=2, default=[120, 300], metavar=("MIN", "MAX"),
+                        help="frames per generated video, uniform in [MIN, MAX] (the issue's files: 120 300)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["float", "prepare", "uint8"],
                         help="yt8m pipelines, each with every --workers count")
@@ -211,9 +215,10 @@ def main() -> None:
             from yt8m.data import expand_paths
             paths = expand_paths(args.data)
         else:
-            paths = write_shards(Path(tmp), args.videos, args.shards)
+            paths = write_shards(Path(tmp), args.videos, args.shards, frames=tuple(args.frames))
         size = sum(os.path.getsize(p) for p in paths) / 2**20
-        print(f"data: {len(paths)} shards, {size:.0f} MiB", flush=True)
+        described = "" if args.data else f" of {args.videos} videos, {args.frames[0]}-{args.frames[1]} frames each"
+        print(f"data: {len(paths)} shards{described}, {size:.0f} MiB", flush=True)
         specs = [f"{mode}:{workers}:{buffers}" for mode in args.modes for workers in args.workers
                  for buffers in args.buffers]
         specs += [] if args.no_tensorflow else [TENSORFLOW]

@@ -190,8 +190,8 @@ def test_persistent_workers_follow_the_epoch(shards):
 def test_ring_takes_a_buffer_back_only_when_nothing_uses_it():
     ring = FrameRing(2)
     shapes = {"rgb": (2, 3, 4), "audio": (2, 3, 2)}
-    first, slot, zeroed = ring.take(shapes, torch.float32)
-    assert slot == 0 and not zeroed and first["rgb"].shape == (2, 3, 4) and first["audio"].shape == (2, 3, 2)
+    first, slot, known = ring.take(shapes, torch.float32)
+    assert slot == 0 and known is None and first["rgb"].shape == (2, 3, 4) and first["audio"].shape == (2, 3, 2)
     assert first["audio"].storage_offset() == 2 * 3 * 4  # one buffer: rgb, then audio
     view = first["audio"][1]
     del first
@@ -215,14 +215,14 @@ def test_ring_takes_a_buffer_back_only_when_nothing_uses_it():
 def test_worker_ring_and_main_process_returns():
     returns = SlotReturns(workers=2, capacity=3)
     ring = FrameRing(3, returns.flags[1], shared=True)  # worker 1's ring
-    frames, slot, zeroed = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8)
-    assert slot == 0 and zeroed and frames["rgb"].is_shared() and not frames["rgb"].any()
+    frames, slot, known = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8)
+    assert slot == 0 and known.tolist() == [0, 0] and frames["rgb"].is_shared() and not frames["rgb"].any()
     assert returns.flags.tolist() == [[0, 0, 0], [1, 0, 0]]
     _, other, _ = ring.take({"rgb": (2, 3, 4), "audio": (2, 3, 2)}, torch.uint8)
     assert other == 1  # slot 0 is out until the main process hands it back
     batch = {"rgb": frames["rgb"], "audio": frames["audio"]}
     del ring  # the worker's references live in another process
-    returns.received(batch, (1, 0))
+    returns.received(batch, (1, 0), travelled=True)
     returns.sweep()
     assert returns.flags[1, 0] == 1  # the consumer still holds the batch
     del frames, batch
@@ -231,7 +231,7 @@ def test_worker_ring_and_main_process_returns():
     assert (1, 0) in returns.storages  # kept mapped for its next batches
     copied = {"rgb": torch.zeros(2, 3, 4, dtype=torch.uint8)}  # what the pin-memory thread hands on: a copy
     returns.flags[0, 2] = 1
-    returns.received(copied, (0, 2))
+    returns.received(copied, (0, 2), travelled=True)
     assert returns.flags[0, 2] == 0
 
 
@@ -364,6 +364,96 @@ def test_persistent_workers_get_their_buffers_back_after_a_pass_left_early(shard
         assert_batch_holds(rows, truth, True)
     assert len(rebuilt) >= 24 - 2 * 3 * 2  # 24 batches, at most 6 buffers that travel (again)
     # no flag left at an earlier pass's tag: each is free, free to travel again, or out in this pass
-    tag, returns = 1 + loader._passes % 254, loader._returns
+    tag, returns = 1 + loader._passes % 253, loader._returns
     for worker, slot in (returns.flags != 0).nonzero().tolist():
         assert int(returns.flags[worker, slot]) in (255, tag)
+
+
+def test_the_ring_knows_which_padding_is_zero_already():
+    ring = FrameRing(1)
+    shapes = {"rgb": (2, 3, 4), "audio": (2, 3, 2)}
+    frames, slot, known = ring.take(shapes, torch.float32)
+    assert slot == 0 and known is None  # fresh, uninitialised
+    frames["rgb"].zero_(), frames["audio"].zero_()  # the fill's own writes, before `filled`
+    ring.filled(slot, np.array([3, 1]))
+    del frames
+    frames, slot, known = ring.take(shapes, torch.float32)
+    assert slot == 0 and known.tolist() == [3, 1]  # row 0 written to its end, row 1's frames 1, 2 are zeros
+    del frames
+    frames, slot, known = ring.take(shapes, torch.float32)
+    assert known is None  # the last take was never `filled` (a fill that failed): nothing known
+    ring.filled(slot, np.array([2, 2]))
+    frames["audio"][1, 2].add_(1)  # the consumer writes into the padding, in place
+    del frames
+    frames, _, known = ring.take(shapes, torch.float32)
+    assert known is None  # the version counter moved: all padding zeroed again
+    ring.filled(slot, np.array([2, 2]))
+    del frames
+    frames, _, known = ring.take({"rgb": (1, 3, 4), "audio": (1, 3, 2)}, torch.float32)
+    assert known is None  # another layout: the rows are elsewhere
+    del frames
+    shared = FrameRing(1, shared=True)
+    assert shared.take(shapes, torch.uint8)[2].tolist() == [0, 0]  # fresh shared memory is zero-filled
+
+
+def test_main_process_hands_back_written_buffers_dirty():
+    shapes = {"rgb": (2, 3, 4), "audio": (2, 3, 2)}
+    returns = SlotReturns(workers=1, capacity=2)
+    for written in (False, True):
+        ring = FrameRing(2, returns.flags[0], shared=True)  # a worker's ring
+        frames, slot, _ = ring.take(shapes, torch.uint8)
+        batch = dict(frames)
+        del ring, frames  # the worker's references live in another process
+        returns.received(batch, (0, slot), travelled=True)
+        if written:
+            batch["audio"][1, 2].fill_(9)  # the consumer writes into the padding, through a view
+        del batch
+        returns.sweep()
+        assert returns.flags[0, slot] == (254 if written else 0)  # DIRTY, or FREE
+    returns.new_pass(tag=2)
+    assert returns.flags[0, slot] == 254  # still free, and still dirty
+
+    ring = FrameRing(1, returns.flags[0], shared=True)
+    frames, slot, known = ring.take(shapes, torch.uint8)
+    ring.filled(slot, np.array([1, 2]))
+    del frames
+    for flag, expected in ((0, [1, 2]), (255, [1, 2]), (254, None)):  # FREE, RESEND: as written; DIRTY: unknown
+        returns.flags[0, slot] = flag
+        _, again, known = ring.take(shapes, torch.uint8)
+        assert again == slot and (known if known is None else known.tolist()) == expected
+        ring.filled(slot, np.array([1, 2]))
+
+
+def _write_into_padding(batch: dict, way: int) -> None:
+    """What a consumer may do to a batch it owns: write into it in place, padding included."""
+    if way == 0:
+        batch["rgb"].fill_(3)
+    elif way == 1:
+        batch["audio"][:, -1].add_(1)  # through a view
+    elif way == 2:
+        torch.mul(batch["rgb"], 2, out=batch["rgb"])
+    # way 3: left as it is
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # no accelerator here: nothing is pinned
+@pytest.mark.parametrize("num_workers,prefetch_thread,pin_memory",
+                         [(0, False, False), (0, True, False), (2, False, False), (2, False, True)])
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_padding_is_zero_after_the_consumer_wrote_into_earlier_batches(shards, num_workers, prefetch_thread,
+                                                                       pin_memory, dequantized):
+    """Rings of 2: every buffer is reused many times, after batches the consumer wrote into (in place,
+    padding included) and after batches it left alone; every batch must still be the videos' frames,
+    padded with exact zeros, over three epochs of persistent workers."""
+    pattern, truth = shards
+    loader = make_loader(pattern, batch_size=2, max_frames=MAX_FRAMES, num_classes=10, buffers=2,
+                         num_workers=num_workers, prefetch_thread=prefetch_thread, pin_memory=pin_memory,
+                         persistent_workers=num_workers > 0, dequantize=dequantized, shuffle=True)
+    for epoch in range(3):
+        seen = []
+        for number, batch in enumerate(loader):
+            seen += batch["id"]
+            assert_batch_holds({video_id: {key: batch[key][i] for key in ("rgb", "audio")}
+                                for i, video_id in enumerate(batch["id"])}, truth, dequantized)
+            _write_into_padding(batch, (number + epoch) % 4)
+            del batch
+        assert sorted(seen) == sorted(truth)

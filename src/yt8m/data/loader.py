@@ -239,7 +239,7 @@ class YT8MDataset(IterableDataset):
         dtype = torch.float32 if self.dequantize else torch.uint8
         shapes = {key: (size, length, dim) for key, dim in FRAME_DIMS.items()}
         ring = ring or FrameRing(0)
-        frames, slot, zeroed = ring.take(shapes, dtype)
+        frames, slot, known = ring.take(shapes, dtype)
         num_frames = np.zeros(size, np.int64)
         per_video = self.seed_per_video and self.sampling != "all"
         fill = _fill_float if self.dequantize else _fill_uint8
@@ -248,8 +248,10 @@ class YT8MDataset(IterableDataset):
             draws = np.random.default_rng([self.seed, zlib.crc32(example["id"].encode())]) if per_video else rng
             index = self._frame_index(example["rgb"].shape[0], length, draws)
             count = num_frames[i] = len(index) if isinstance(index, np.ndarray) else index.stop - index.start
+            end = length if known is None else known[i]  # its frames from `end` on are zeros already
             for key, out in targets.items():
-                fill(out[i], example[key][index], count, zeroed)
+                fill(out[i], example[key][index], count, end)
+        ring.filled(slot, num_frames)
         batch.update(frames)
         batch["num_frames"] = as_tensor(num_frames)
         if self.level == "segment":
@@ -289,6 +291,14 @@ class FrameRing:
     many batches is neither overwritten nor blocked. `shared` (default: whether the ring is made
     in a DataLoader worker): the buffers are in shared memory, zero-filled when fresh, so that
     handing a batch from a worker to the main process copies nothing.
+
+    A reused buffer's padding is not written again where it is zero already: the ring keeps, per
+    buffer, the frames written in each row by its last batch (`filled`), and a new batch zeroes
+    only the frames past its own that the last one wrote. That holds while nothing else wrote
+    into the buffer: batches are views of one flat tensor per buffer (`bases`, here or in the
+    main process, `SlotReturns`), whose version counter every in-place torch operation on any of
+    them advances; a buffer whose version moved (or, from the main process, handed back DIRTY)
+    is zeroed whole. Writes through NumPy (`.numpy()`) or `.data` are not seen by the counter.
     """
 
     def __init__(self, capacity: int, returned: torch.Tensor | None = None, shared: bool | None = None):
@@ -299,51 +309,72 @@ class FrameRing:
         self.shared = get_worker_info() is not None if shared is None else shared
         self.tag = 1  # written in `returned` for the buffers handed out in this pass
         self.storages: list[torch.UntypedStorage] = []
+        self.bases: list[torch.Tensor] = []  # a flat byte tensor on each storage: batches are views of it
+        # per slot: [layout, frames written per row, bases' version after the fill]; frames unknown until filled
+        self.written: list[list] = []
         self.announced: set[int] = set()  # slots whose current buffer the main process has mapped
         self.lock = threading.Lock()  # two iterations of one dataset in one process share the ring
 
     def take(self, shapes: dict[str, tuple[int, ...]],
-             dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int | None, bool]:
-        """(tensors of `shapes` in one buffer, its slot or None outside the ring, whether they are
-        zero-filled): uninitialised, or zero-filled fresh shared memory."""
+             dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int | None, np.ndarray | None]:
+        """(tensors of `shapes` in one buffer, its slot or None outside the ring, what is known to be
+        zero: per row of the batch, the frame from which on it is, or None). Call `filled` once
+        they are written."""
         itemsize = torch.empty(0, dtype=dtype).element_size()
         nbytes = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize
+        layout = (dtype, tuple(shapes.items()))
+        rows = next(iter(shapes.values()))[0]
         with self.lock:
-            slot = self._free_slot()
+            slot, clean = self._free_slot()
+            known = None
             if slot is None or self.storages[slot].nbytes() < nbytes or self.storages[slot].is_shared() != self.shared:
                 storage = _storage(nbytes, self.shared)
+                base = _flat(storage)
                 if slot is not None:  # a smaller one, or one handed to another process: replaced
-                    self.storages[slot] = storage
+                    self.storages[slot], self.bases[slot] = storage, base
                     self.announced.discard(slot)
                 elif len(self.storages) < self.capacity:
                     slot = len(self.storages)
                     self.storages.append(storage)
-                fresh = True
+                    self.bases.append(base)
+                    self.written.append([None, None, None])
+                if self.shared:  # zero-filled
+                    known = np.zeros(rows, np.int64)
             else:
-                storage, fresh = self.storages[slot], False
-            if slot is not None and self.returned is not None:
-                self.returned[slot] = self.tag  # out until the main process hands it back
-            tensors, offset = {}, 0
-            for key, shape in shapes.items():  # made under the lock: they hold the buffer from here on
-                tensors[key] = torch.empty(0, dtype=dtype).set_(storage, offset, shape)
-                offset += int(np.prod(shape))
-        return tensors, slot, fresh and self.shared
+                base = self.bases[slot]
+                last_layout, counts, version = self.written[slot]
+                if clean and counts is not None and last_layout == layout and base._version == version:
+                    known = counts
+            if slot is not None:
+                self.written[slot] = [layout, None, None]  # unknown until filled (a fill may fail half way)
+                if self.returned is not None:
+                    self.returned[slot] = self.tag  # out until the main process hands it back
+            tensors = _views(base, shapes, dtype)  # made under the lock: they hold the buffer from here on
+        return tensors, slot, known
 
-    def _free_slot(self) -> int | None:
+    def filled(self, slot: int | None, counts: np.ndarray) -> None:
+        """The batch taken in `slot` is written: `counts[i]` frames in row i, zeros after them."""
+        if slot is not None:
+            self.written[slot][1:] = [counts.copy(), self.bases[slot]._version]
+
+    def _free_slot(self) -> tuple[int | None, bool]:
+        """(a free slot or None, whether nothing but this ring wrote into its buffer since its last fill)."""
         for slot in range(len(self.storages)):
             if self.returned is None:
                 if _unused(self.storages, slot):
-                    return slot
+                    return slot, True
                 continue
             flag = int(self.returned[slot])
             if flag == RESEND:  # its last batch never reached the main process, which may not have this buffer
                 self.announced.discard(slot)
-            if flag in (FREE, RESEND):
-                return slot
-        return None
+            if flag in (FREE, DIRTY, RESEND):
+                return slot, flag != DIRTY
+        return None, False
 
 
-FREE, RESEND = 0, 255  # flags of `FrameRing.returned` besides the tags (1-254) of buffers handed out
+# Flags of `FrameRing.returned` besides the tags (1-253) of buffers handed out: handed back (DIRTY: and
+# written into by the main process), or never received there.
+FREE, DIRTY, RESEND = 0, 254, 255
 
 
 @dataclass(frozen=True)
@@ -365,14 +396,35 @@ def _references(storages: list | dict, slot) -> tuple[int, int]:
     return _use_count(storage._cdata), sys.getrefcount(storage)
 
 
-# What _references counts for a storage that its container alone holds (measured, not assumed,
-# since the interpreter's own references differ between Python versions).
-_ALONE = _references([torch.UntypedStorage(0)], 0) if _use_count is not None else None
+def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
+    """All of `storage` as one uint8 tensor: the base whose views the batches in it are."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def _views(base: torch.Tensor, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+           offsets: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of `shapes` viewing `base` (sharing its version counter), one after the other, or each
+    at its element offset in `offsets`."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    tensors, offset = {}, 0
+    for key, shape in shapes.items():
+        offset = offsets[key] if offsets is not None else offset
+        size = int(np.prod(shape))
+        tensors[key] = base[offset * itemsize:(offset + size) * itemsize].view(dtype).view(shape)
+        offset += size
+    return tensors
+
+
+# What _references counts for a storage that its container and its base (`_flat`) alone hold
+# (measured, not assumed, since the interpreter's own references differ between Python versions).
+_KEPT = [torch.UntypedStorage(0)]
+_KEPT_BASE = _flat(_KEPT[0])
+_ALONE = _references(_KEPT, 0) if _use_count is not None else None
 
 
 def _unused(storages: list | dict, slot) -> bool:
-    """Whether `storages[slot]` is held by `storages` alone: no tensor on it (a batch, or any view
-    of its frames) and no other reference to its Python object."""
+    """Whether `storages[slot]` is held by `storages` and its base alone: no batch on it (nor any
+    view of its frames) and no other reference to its Python object."""
     return _references(storages, slot) == _ALONE
 
 
@@ -387,7 +439,9 @@ class SlotReturns:
     `flags` [workers, capacity] in shared memory: set to the pass's tag by a worker when it
     hands a buffer out, set back to FREE here once the main process no longer uses it: at once
     for a batch the pin-memory thread copied, else when no batch or view of its frames is left
-    (checked as each batch arrives). The buffers handed back stay mapped here, so that their
+    (checked as each batch arrives); DIRTY instead when an in-place torch operation wrote into
+    the frames here (the batches handed out are views of one base per buffer, `bases`, whose
+    version counter says so), so that the worker zeroes all of its padding again. The buffers handed back stay mapped here, so that their
     next batches map and fault in nothing new. Batches a DataLoader discards (persistent
     workers restarted after a pass left early) never arrive: `new_pass` marks their buffers
     RESEND, free again and to travel with their next batch.
@@ -396,53 +450,63 @@ class SlotReturns:
     def __init__(self, workers: int, capacity: int):
         self.flags = torch.zeros((workers, max(1, capacity)), dtype=torch.uint8).share_memory_()
         self.storages: dict[tuple[int, int], torch.UntypedStorage] = {}  # the last one received in each slot
+        self.bases: dict[tuple[int, int], torch.Tensor] = {}  # `_flat` of each, and its version when handed out
+        self.versions: dict[tuple[int, int], int] = {}
         self.pending: set[tuple[int, int]] = set()  # slots received and not handed back
 
     def rebuild(self, batch: dict, slot: tuple[int, int], layout: dict) -> None:
         """Puts back the frames a worker sent by slot: views of the buffer mapped here."""
-        storage = self.storages[slot]
         for key, (dtype, offset, shape) in layout.items():
-            batch[key] = torch.empty(0, dtype=getattr(torch, dtype)).set_(storage, offset, shape)
+            batch.update(_views(self.bases[slot], {key: shape}, getattr(torch, dtype), {key: offset}))
 
-    def received(self, batch: dict, slot: tuple[int, int]) -> None:
+    def received(self, batch: dict, slot: tuple[int, int], travelled: bool) -> None:
+        """Notes the batch of `slot`; `travelled`: its frames came as tensors (not by `rebuild`)."""
         storage = batch["rgb"].untyped_storage()
-        if storage.is_shared():
-            self.storages[slot] = storage
-            self.pending.add(slot)
-        else:  # the pin-memory thread's copy: the worker's buffer has been read
+        if not storage.is_shared():  # the pin-memory thread's copy: the worker's buffer has been read
             self.flags[slot] = FREE
+            return
+        if travelled:  # handed out as views of the buffer's base instead, like the batches rebuilt
+            if self.storages.get(slot) is not storage:
+                self.storages[slot], self.bases[slot] = storage, _flat(storage)
+            batch.update(_views(self.bases[slot], {key: batch[key].shape for key in FRAME_DIMS}, batch["rgb"].dtype,
+                                {key: batch[key].storage_offset() for key in FRAME_DIMS}))
+        self.versions[slot] = self.bases[slot]._version
+        self.pending.add(slot)
 
     def sweep(self) -> None:
         for slot in [slot for slot in self.pending if _unused(self.storages, slot)]:
             self.pending.discard(slot)
-            self.flags[slot] = FREE
+            self.flags[slot] = FREE if self.bases[slot]._version == self.versions[slot] else DIRTY
 
     def new_pass(self, tag: int) -> None:
         """Once the DataLoader has restarted its workers for the pass tagged `tag` (their earlier
         batches received or discarded): buffers handed out before and never received are free."""
         for worker, slot in (self.flags != FREE).nonzero().tolist():
             flag = int(self.flags[worker, slot])
-            if flag not in (RESEND, tag) and (worker, slot) not in self.pending:
+            if flag not in (DIRTY, RESEND, tag) and (worker, slot) not in self.pending:
                 self.flags[worker, slot] = RESEND
 
     def release(self) -> None:
         """Unmaps what this side keeps mapped (the workers are gone); batches still held keep theirs."""
         self.storages.clear()
+        self.bases.clear()
+        self.versions.clear()
         self.pending.clear()
 
 
-def _fill_uint8(out: np.ndarray, frames: np.ndarray, count: int, zeroed: bool) -> None:
-    """One video's row [T, D] of a uint8 batch: its frames, then zero padding."""
+def _fill_uint8(out: np.ndarray, frames: np.ndarray, count: int, end: int) -> None:
+    """One video's row [T, D] of a uint8 batch: its frames, then zero padding (zero already from `end` on)."""
     out[:count] = frames
-    if not zeroed:
-        out[count:] = 0
+    if end > count:
+        out[count:end] = 0
 
 
 _BIAS = torch.tensor(DEQUANT_BIAS, dtype=torch.float32)
 
 
-def _fill_float(out: torch.Tensor, frames: np.ndarray, count: int, zeroed: bool) -> None:
-    """One video's row [T, D] of a float32 batch: its dequantized frames, then exact zeros.
+def _fill_float(out: torch.Tensor, frames: np.ndarray, count: int, end: int) -> None:
+    """One video's row [T, D] of a float32 batch: its dequantized frames, then exact zeros (zero
+    already from `end` on).
 
     The uint8 frames (a read-only strided view of the record) are converted into the row, then
     dequantized in place while they are in cache, with the fused multiply-add of `prepare_batch`.
@@ -451,8 +515,8 @@ def _fill_float(out: torch.Tensor, frames: np.ndarray, count: int, zeroed: bool)
         real = out[:count]
         np.copyto(real.numpy(), frames, casting="unsafe")
         _dequantize_in_place(real, _BIAS)
-    if not zeroed:
-        out[count:].zero_()
+    if end > count:
+        out[count:end].zero_()
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -562,7 +626,7 @@ def _returning(items: Iterator[tuple], returns: SlotReturns, persistent: bool) -
                 worker, index, layout = slot  # the DataLoader hands tuples over as lists
                 if layout is not None:
                     returns.rebuild(batch, (worker, index), layout)
-                returns.received(batch, (worker, index))
+                returns.received(batch, (worker, index), travelled=layout is None)
             yield batch, stats, slot
             del batch
     finally:
@@ -613,7 +677,7 @@ class YT8MLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.epoch)
         self._passes += 1
-        tag = 1 + self._passes % 254  # never FREE (0) nor RESEND (255), and not the previous pass's
+        tag = 1 + self._passes % 253  # never FREE (0), DIRTY (254) nor RESEND (255), and not the previous pass's
         if self._stream.state is not None:
             self._stream.state.copy_(torch.tensor([self.epoch, tag]))
         self.epoch += 1
