@@ -441,10 +441,10 @@ class SlotReturns:
     for a batch the pin-memory thread copied, else when no batch or view of its frames is left
     (checked as each batch arrives); DIRTY instead when an in-place torch operation wrote into
     the frames here (the batches handed out are views of one base per buffer, `bases`, whose
-    version counter says so), so that the worker zeroes all of its padding again. The buffers handed back stay mapped here, so that their
-    next batches map and fault in nothing new. Batches a DataLoader discards (persistent
-    workers restarted after a pass left early) never arrive: `new_pass` marks their buffers
-    RESEND, free again and to travel with their next batch.
+    version counter says so), so that the worker zeroes all of its padding again. The buffers
+    handed back stay mapped here, so that their next batches map and fault in nothing new.
+    Batches a DataLoader discards (persistent workers restarted after a pass left early) never
+    arrive: `new_pass` marks their buffers RESEND, free again and to travel with their next batch.
     """
 
     def __init__(self, workers: int, capacity: int):
