@@ -136,7 +136,7 @@ def decode_record(payload: bytes, level: str, copy: bool = True) -> dict:
     if frames["rgb"].shape[0] != frames["audio"].shape[0]:
         raise DecodeError(f"{frames['rgb'].shape[0]} rgb frames but {frames['audio'].shape[0]} audio frames")
     if copy:
-        frames = {key: np.ascontiguousarray(value) for key, value in frames.items()}
+        frames = {key: np.array(value) for key, value in frames.items()}  # a copy, even of one frame
     example = {"id": _take_id(payload, context), "labels": _labels(payload, context), **frames}
     if level == "segment":
         kinds = {"segment_start_times": "int64", "segment_labels": "int64", "segment_scores": "float"}

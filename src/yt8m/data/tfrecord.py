@@ -47,7 +47,7 @@ def read_records(path: str | os.PathLike, check_crc: bool = True,
     """Yield `(byte_offset, payload)` for each record of a TFRecord file.
 
     The file is opened (and OSError raised) at the call; it is memory-mapped, so payloads are
-    views of the page cache and no record is copied before its frames are gathered
+    read-only views of the page cache and no record is copied before its frames are gathered
     into a batch. A truncated record or a CRC mismatch raises CorruptRecordError (naming the
     file and offset), unless `on_corrupt` is given: it is then called as
     `on_corrupt(error, lost_bytes, framing)` and reading goes on. After a payload CRC mismatch
@@ -63,9 +63,7 @@ def read_records(path: str | os.PathLike, check_crc: bool = True,
         if size == 0:
             return iter(())
         try:
-            # Copy-on-write: the views are writable (what torch reads from without a warning), and a write
-            # would change a private copy of its page, never the file. Lives while views of it do.
-            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # lives while views of it do
         except (OSError, ValueError):  # a file system without mmap (some FUSE mounts): read the file
             data = memoryview(f.read())
     return _iter_records(path, data, check_crc, on_corrupt)

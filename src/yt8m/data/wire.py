@@ -215,7 +215,7 @@ _LIST_DECODERS = {"bytes": _decode_bytes_list, "float": _decode_float_list, "int
 
 
 def decode_frames(buf: bytes, span: Span, dim: int) -> np.ndarray:
-    """A `FeatureList` of one-value byte features of `dim` bytes -> uint8 [T, dim] (a view of `buf`)."""
+    """A `FeatureList` of one-value byte features of `dim` bytes -> uint8 [T, dim] (read-only view)."""
     start, end = span
     if start == end:
         return np.zeros((0, dim), np.uint8)
