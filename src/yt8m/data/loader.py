@@ -321,8 +321,7 @@ class FrameRing:
         """(tensors of `shapes` in one buffer, its slot or None outside the ring, what is known to be
         zero: per row of the batch, the frame from which on it is, or None). Call `filled` once
         they are written."""
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        nbytes = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize
+        nbytes = sum(int(np.prod(shape)) for shape in shapes.values()) * dtype.itemsize
         layout = (dtype, tuple(shapes.items()))
         rows = next(iter(shapes.values()))[0]
         with self.lock:
@@ -408,7 +407,7 @@ def _views(base: torch.Tensor, shapes: dict[str, tuple[int, ...]], dtype: torch.
            offsets: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of `shapes` viewing `base` (sharing its version counter), one after the other, or each
     at its element offset in `offsets`."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     tensors, offset = {}, 0
     with torch.inference_mode(False):
         for key, shape in shapes.items():
@@ -419,11 +418,17 @@ def _views(base: torch.Tensor, shapes: dict[str, tuple[int, ...]], dtype: torch.
     return tensors
 
 
-# What _references counts for a storage that its container and its base (`_flat`) alone hold
-# (measured, not assumed, since the interpreter's own references differ between Python versions).
-_KEPT = [torch.UntypedStorage(0)]
-_KEPT_BASE = _flat(_KEPT[0])
-_ALONE = _references(_KEPT, 0) if _use_count is not None else None
+def _references_alone() -> tuple[int, int]:
+    """What `_references` counts for a storage that its container and its base (`_flat`) alone hold:
+    measured, not assumed, since the interpreter's own references differ between Python versions."""
+    storages = [torch.UntypedStorage(0)]
+    base = _flat(storages[0])
+    counted = _references(storages, 0)
+    del base  # held while counting
+    return counted
+
+
+_ALONE = _references_alone() if _use_count is not None else None
 
 
 def _unused(storages: list | dict, slot) -> bool:
@@ -459,9 +464,10 @@ class SlotReturns:
         self.pending: set[tuple[int, int]] = set()  # slots received and not handed back
 
     def rebuild(self, batch: dict, slot: tuple[int, int], layout: dict) -> None:
-        """Puts back the frames a worker sent by slot: views of the buffer mapped here."""
-        for key, (dtype, offset, shape) in layout.items():
-            batch.update(_views(self.bases[slot], {key: shape}, getattr(torch, dtype), {key: offset}))
+        """Puts back the frames a worker sent by slot: views of the buffer mapped here (one dtype for all)."""
+        (dtype, *_), *_ = layout.values()
+        batch.update(_views(self.bases[slot], {key: shape for key, (_, _, shape) in layout.items()},
+                            getattr(torch, dtype), {key: offset for key, (_, offset, _) in layout.items()}))
 
     def received(self, batch: dict, slot: tuple[int, int], travelled: bool) -> None:
         """Notes the batch of `slot`; `travelled`: its frames came as tensors (not by `rebuild`)."""
@@ -788,9 +794,9 @@ def make_loader(paths: PathArg, level: str = "frame", batch_size: int = 64, max_
     its frames is left, and a consumer that keeps batches gets fresh ones. A reused buffer's
     padding is zeroed only where its last batch had frames, unless a batch in it was written
     into in place, which torch operations show (not writes through `.numpy()`, `.data`, the
-    storage or DLPack: clone a batch before writing into it that way, or pass `buffers=0`). A batch from worker
-    processes lies in shared memory: clone it before sending it to another process of yours
-    (in-process buffers moved to shared memory leave the ring by themselves). `persistent_workers`
+    storage or DLPack: clone a batch before writing into it that way, or pass `buffers=0`).
+    A batch from worker processes lies in shared memory: clone it before sending it to another
+    process of yours (in-process buffers moved to shared memory leave the ring by themselves). `persistent_workers`
     keeps the worker processes (and their buffers) from one pass to the next. A corrupt record
     (or one with a label outside [0, num_classes)) raises CorruptRecordError in the consumer,
     from worker processes too, or with `on_error="skip"` is skipped, counted in `loader.stats()`
